@@ -1,0 +1,192 @@
+"""Unit and property tests of influence_nb.core: gradients, HVPs, exactness on ridge regression, errors."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from influence_nb import (Influence, InfluenceError, HessianNotPositiveDefinite, NonFiniteError, influence_scores,
+                          param_changes, self_influence, upweight_influence)
+from influence_nb.core import Flat, as_loader, select_params
+
+torch.set_default_dtype(torch.float32)
+
+
+def ridge_problem(n=40, d=3, lam=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    return X, y, lam
+
+
+def ridge_fit(X, y, lam, w):
+    n, d = X.shape
+    A = (X.T * w) @ X / n + lam * torch.eye(d, dtype=X.dtype)
+    return torch.linalg.solve(A, (X.T * w) @ y / n)
+
+
+def half_mse(o, t):
+    return 0.5 * ((o.squeeze(-1) - t) ** 2).mean()
+
+
+def ridge_model(theta):
+    m = nn.Linear(len(theta), 1, bias=False).double()
+    m.weight.data = theta[None].clone()
+    return m
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(8, 40), d=st.integers(1, 5), lam=st.floats(1e-3, 1.0), seed=st.integers(0, 10_000))
+def test_ridge_removal_equals_exact_loo_up_to_leverage(n, d, lam, seed):
+    """For the squared loss, exact LOO = influence prediction / (1 - leverage), to float64 precision."""
+    X, y, _ = ridge_problem(n, d, lam, seed)
+    theta = ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype))
+    dth = param_changes(ridge_model(theta), half_mse, (X, y), weight_decay=lam)
+    H = X.T @ X / n + lam * torch.eye(d, dtype=X.dtype)
+    lev = torch.einsum("ij,jk,ik->i", X, torch.linalg.inv(H), X) / n
+    loo = torch.stack([ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype).index_fill(0, torch.tensor([j]), 0.)) - theta
+                       for j in range(n)])
+    torch.testing.assert_close(dth / (1 - lev[:, None]), loo, rtol=1e-6, atol=1e-9)
+
+
+def test_ridge_scores_match_loo_test_loss_change():
+    X, y, lam = ridge_problem()
+    n = len(y)
+    theta = ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype))
+    Xt, yt = X[:3] + 0.5, y[:3]
+    s = influence_scores(ridge_model(theta), half_mse, (X, y), (Xt, yt), weight_decay=lam)
+    H = X.T @ X / n + lam * torch.eye(d := X.shape[1], dtype=X.dtype)
+    lev = torch.einsum("ij,jk,ik->i", X, torch.linalg.inv(H), X) / n
+    # first-order in the parameter change: ∇ℓ_tᵀ Δθ_LOO (1 - h_j) equals the score exactly
+    loo = torch.stack([ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype).index_fill(0, torch.tensor([j]), 0.)) - theta
+                       for j in range(n)])
+    gt = (Xt @ theta - yt)[:, None] * Xt
+    torch.testing.assert_close(s, gt @ (loo * (1 - lev[:, None])).T, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(upweight_influence(ridge_model(theta), half_mse, (X, y), (Xt, yt), weight_decay=lam),
+                               -n * s)
+
+
+def trained_mlp(seed=0, n=60, wd=1e-2):
+    g = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=500, tolerance_grad=1e-9, tolerance_change=0,
+                            line_search_fn="strong_wolfe")
+    def closure():
+        opt.zero_grad()
+        l = nn.functional.cross_entropy(m(X), y) + 0.5 * wd * sum(p.square().sum() for p in m.parameters())
+        l.backward()
+        return l
+    for _ in range(3):
+        opt.step(closure)
+    return m, X, y, wd
+
+
+@settings(max_examples=10, deadline=None)
+@given(k=st.integers(1, 6), seed=st.integers(0, 1000))
+def test_hvp_equals_hessian_times_v(k, seed):
+    m, X, y, wd = trained_mlp()
+    inf = Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=wd, batch_size=16, dtype=torch.float64)
+    H = inf.hessian()
+    torch.testing.assert_close(H, H.T)
+    V = torch.randn(k, inf.num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    torch.testing.assert_close(inf.hvp(V), V @ H.T)
+    torch.testing.assert_close(inf.hvp(V[0]), H @ V[0])
+
+
+def test_per_example_grads_equal_autograd_and_batching_does_not_matter():
+    m, X, y, wd = trained_mlp()
+    G16 = Influence(m, nn.CrossEntropyLoss(), (X, y), batch_size=16).grad_matrix((X, y))
+    G7 = Influence(m, nn.CrossEntropyLoss(), (X, y), batch_size=7).grad_matrix((X, y))
+    torch.testing.assert_close(G16, G7)
+    for i in [0, 33, 59]:
+        m.zero_grad()
+        nn.functional.cross_entropy(m(X[i:i + 1]), y[i:i + 1]).backward()
+        torch.testing.assert_close(G16[i], torch.cat([p.grad.flatten() for p in m.parameters()]))
+
+
+def test_scoring_paths_agree_and_match_explicit_formula():
+    m, X, y, wd = trained_mlp()
+    inf = Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=wd, dtype=torch.float64, batch_size=25)
+    Xt, yt = X[:4] + 0.1, y[:4]
+    a, b = inf.scores((Xt, yt), method="grad"), inf.scores((Xt, yt), method="jvp")
+    torch.testing.assert_close(a, b)
+    G, Gt = inf.grad_matrix((X, y)), inf.grad_matrix((Xt, yt))
+    torch.testing.assert_close(a, Gt @ torch.linalg.solve(inf.hessian(), G.T) / len(y))
+    si = self_influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=wd, dtype=torch.float64)
+    assert (si > 0).all(), "a positive-definite H gives positive self-influence"
+
+
+def test_last_layer_only():
+    m, X, y, wd = trained_mlp()
+    inf = Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=wd, params=["2"])
+    assert inf.num_params == 5 * 3 + 3
+    assert inf.scores((X[:2], y[:2])).shape == (2, len(y))
+
+
+def test_dataset_and_dataloader_inputs_agree():
+    from torch.utils.data import DataLoader, TensorDataset
+    m, X, y, wd = trained_mlp()
+    kw = dict(weight_decay=wd, dtype=torch.float64)
+    a = influence_scores(m, nn.CrossEntropyLoss(), (X, y), (X[:3], y[:3]), **kw)
+    b = influence_scores(m, nn.CrossEntropyLoss(), TensorDataset(X, y), DataLoader(TensorDataset(X[:3], y[:3])), **kw)
+    torch.testing.assert_close(a, b)
+
+
+def test_model_mode_is_restored_and_batchnorm_uses_running_stats():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(50, 4, generator=g), torch.randint(0, 2, (50,), generator=g)
+    m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2))
+    m.train()
+    s = influence_scores(m, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]), damping=1.0)
+    assert m.training and torch.isfinite(s).all()
+
+
+# --------------------------------------------------------------- bad input gives a clear error
+def test_bad_inputs():
+    m, X, y, wd = trained_mlp()
+    ce = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="disagree on the number of examples"):
+        influence_scores(m, ce, (X, y[:-1]), (X[:2], y[:2]))
+    with pytest.raises(InfluenceError, match="scalar"):
+        influence_scores(m, nn.CrossEntropyLoss(reduction="none"), (X, y), (X[:2], y[:2]))
+    with pytest.raises(InfluenceError, match="failed on a batch"):
+        influence_scores(m, ce, (X, y), (X[:2, :3], y[:2]))
+    with pytest.raises(ValueError, match="train is empty"):
+        influence_scores(m, ce, (X[:0], y[:0]), (X[:2], y[:2]))
+    with pytest.raises(ValueError, match="test is empty"):
+        influence_scores(m, ce, (X, y), (X[:0], y[:0]), weight_decay=wd)
+    with pytest.raises(InfluenceError, match="unknown solver 'nope'"):
+        influence_scores(m, ce, (X, y), (X[:2], y[:2]), solver="nope")
+    Xn = X.clone(); Xn[3] = float("inf")
+    with pytest.raises(NonFiniteError):
+        influence_scores(m, ce, (Xn, y), (X[:2], y[:2]), weight_decay=wd)
+    with pytest.raises(TypeError, match="expected an"):
+        influence_scores(m, ce, "data", (X[:2], y[:2]))
+
+
+def test_singular_hessian_names_eigenvalue_and_damping():
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    wide = nn.Sequential(nn.Linear(4, 30), nn.ReLU(), nn.Linear(30, 3))
+    with pytest.raises(HessianNotPositiveDefinite, match=r"smallest eigenvalue .* pass damping >"):
+        influence_scores(wide, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = influence_scores(wide, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]), damping=1.0)
+    assert torch.isfinite(s).all()
+
+
+def test_flat_roundtrip_and_param_selection():
+    m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    f = Flat(dict(m.named_parameters()))
+    v = torch.randn(f.numel)
+    torch.testing.assert_close(f.flatten(f.unflatten(v)), v)
+    assert list(select_params(m, "1")) == ["1.weight", "1.bias"]
+    with pytest.raises(ValueError, match="no parameter"):
+        select_params(m, "7")
+    with pytest.raises(ValueError, match="shuffle"):
+        from torch.utils.data import DataLoader, TensorDataset
+        as_loader(DataLoader(TensorDataset(torch.zeros(3, 1), torch.zeros(3)), shuffle=True))
