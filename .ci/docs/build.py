@@ -44,7 +44,7 @@ def nbdev_process(nbs: Path, dst: Path, n_workers: int):
     files = nbglob(nbs, func=Path, file_glob="", file_re="")
     jobs = [j for j in (_proc_file(f, cache=dst, path=nbs) for f in sorted(files)) if j]
     # spawn, as nbdev does outside a notebook: each notebook's show_doc cells run in a fresh interpreter
-    res = parallel(nbdev.serve_drv.main, jobs, n_workers=n_workers, pause=0.01, method="spawn")
+    parallel(nbdev.serve_drv.main, jobs, n_workers=n_workers, pause=0.01, method="spawn")
     return [j[0] for j in jobs]
 
 
@@ -87,7 +87,20 @@ def _nb_page(nb_path: Path, fm: dict, nbs: Path):
     return (rel / of).as_posix() if of else nb_path.relative_to(nbs).with_suffix(".html").as_posix()
 
 
-def quarto_like(nb: dict, page_of: dict, doc_prefixes, title_fallback: str):
+_re_md_head = re.compile(r"^#{1,6}\s+(.+?)\s*$", re.M)
+
+
+def doc_anchors(nb: dict) -> set:
+    "Anchors a page will have for show_doc entries: the headings in its markdown outputs, lower-cased as nbconvert does."
+    res = set()
+    for c in nb["cells"]:
+        for o in c.get("outputs", []):
+            v = o.get("data", {}).get("text/markdown")
+            if v: res |= {h.strip("`").lower() for h in _re_md_head.findall("".join(v) if isinstance(v, list) else v)}
+    return res
+
+
+def quarto_like(nb: dict, page_of: dict, doc_prefixes, title_fallback: str, anchors: dict = {}):
     "Apply the Quarto-side conventions to one nbdev-processed notebook (in place); return (title, description)."
     cells, out, fm = nb["cells"], [], {}
     for c in cells:
@@ -101,8 +114,15 @@ def quarto_like(nb: dict, page_of: dict, doc_prefixes, title_fallback: str):
     title = str(fm.get("title") or title_fallback)
     desc = str(fm.get("description") or "").strip()
 
+    def autolink(m):
+        # nbdev links every `name` it indexes, private ones too; a name with no show_doc entry has no anchor: unlink
+        page, frag = m.group(3), m.group(4)
+        return m.group(0) if frag.lower() in anchors.get(page, set()) else f"`{m.group(1)}`"
+
     def relink(s: str) -> str:
         s = quarto_md(s)
+        for p in doc_prefixes:
+            s = re.sub(r"\[`([^`\]]+)`\]\((" + re.escape(p) + r")([^)#\s]+)#([^)\s]+)\)", autolink, s)
         for p in doc_prefixes: s = s.replace(p, "")  # nbdev doc links point at doc_host/doc_baseurl: keep them local
         def nblink(m):
             tgt = m.group(2)
@@ -170,7 +190,14 @@ def main():
     proc, docs = tmp / "proc", tmp / "docs"
     try:
         log(f"nbdev processing {nbs} ({a.workers} workers)")
-        nbdev_process(nbs, proc, a.workers)
+        try: nbdev_process(nbs, proc, a.workers)
+        except Exception as e:
+            remote = str(e.__cause__ or "")
+            causes = re.findall(r"^(\w+(?:Error|Exception): .*)$", remote, re.M)
+            sys.exit(f"\n[docs] nbdev's docs processing failed (nbdev_proc_nbs/nbdev_docs would fail the same way):\n{e}\n"
+                     f"[docs] cause: {causes[0] if causes else type(e).__name__}\n[docs] nbdev executes, to render show_doc, "
+                     "every export cell, every show_doc cell and every cell with an import; a cell that imports *and* uses "
+                     "names from unexecuted cells fails here: put the import in a cell of its own (nbdev FAQ).")
         t1 = time.time()
         nb_files = sorted(proc.rglob("*.ipynb"), key=lambda p: (p.relative_to(proc).as_posix() != "index.ipynb",
                                                                     p.relative_to(proc).as_posix()))
@@ -192,9 +219,10 @@ def main():
             loaded.append((p, nb, page))
         host = cfg.get("doc_host", "").rstrip("/"); base = cfg.get("doc_baseurl", "").strip("/")
         prefixes = [f"{host}/{base}/" if base else f"{host}/"] if host else []
+        anchors = {page: doc_anchors(nb) for p, nb, page in loaded}
         pages, nav = [], []
         for p, nb, page in loaded:
-            title, desc = quarto_like(nb, page_of, prefixes, p.stem)
+            title, desc = quarto_like(nb, page_of, prefixes, p.stem, anchors)
             target = docs / Path(page).with_suffix(".ipynb")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -9,8 +9,9 @@ window.MathJax = {
     tags: "ams"
   },
   options: {
-    // <pre>/<code> (code cells, text outputs) are skipped by default; so are the navigation and search UI
-    ignoreHtmlClass: "tex2jax_ignore|mathjax_ignore|md-nav|md-header|md-search"
+    // <pre>/<code> (code cells, text outputs) are skipped by default; so are the header and the search UI
+    // (the navigation is typeset: headings with math appear in the table of contents)
+    ignoreHtmlClass: "tex2jax_ignore|mathjax_ignore|md-header|md-search"
   },
   chtml: { displayAlign: "center" }
 };
