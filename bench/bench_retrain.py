@@ -1,17 +1,30 @@
-"""Benchmark: K leave-one-out retrains on Iris, batched (one vmapped stack) vs a plain sequential loop.
+"""Benchmark: K leave-one-out retrains on Iris, batched (one stack of K + 1 models) vs a plain sequential loop.
 
 Protocol (paper, Section 5.1): start from θ*, remove one training example, run 7,500 full-batch GD steps.
 Both sides run in the same process on the same θ*, data, settings and thread count; the batched side also trains the
-control model (K + 1 models), so the comparison is conservative. Run on demand (not part of the tests):
+control model (K + 1 models), so the comparison is conservative. The batched side takes the fast path of
+`train_stack` (batched matmuls, no vmap) because the model is an nn.Sequential of Linear and Tanh layers; the general
+`vmap(functional_call)` path (`fast=False`) is timed once as well, for comparison. Run on demand (not part of the tests):
 
-    python bench/bench_retrain.py                 # K = 20, 7,500 steps, 1 torch thread
+    python bench/bench_retrain.py                 # K = 20, 7,500 steps, 1 torch thread, 3 repeats
     python bench/bench_retrain.py --threads 2     # let torch use 2 threads
+
+The machine may be shared, so the load can change during a run: every repeat times the batched stack three times
+(before, between the two halves of the sequential loop, and after), and the table reports medians over all of them.
 """
-import argparse, time
+import argparse, statistics, time
 import torch
 from torch import nn
 from sklearn.datasets import load_iris
-from influence_nb.retrain import RetrainConfig, loo_retrain, retrain_sequential, removal_weights, per_example_cross_entropy
+from influence_nb.retrain import (RetrainConfig, loo_retrain, retrain_sequential, removal_weights,
+                                  per_example_cross_entropy, fast_path_layers)
+
+
+def timed(f):
+    "Run f(); return (result, wall seconds, CPU seconds of this process)."
+    w0, c0 = time.perf_counter(), time.process_time()
+    r = f()
+    return r, time.perf_counter() - w0, time.process_time() - c0
 
 
 def main():
@@ -22,6 +35,8 @@ def main():
     ap.add_argument('--width', type=int, default=8); ap.add_argument('--depth', type=int, default=2)
     ap.add_argument('--lr', type=float, default=0.1); ap.add_argument('--weight-decay', type=float, default=1e-3)
     ap.add_argument('--threads', type=int, default=1, help='torch.set_num_threads for both sides')
+    ap.add_argument('--repeats', type=int, default=3, help='repeats of the whole comparison (medians reported)')
+    ap.add_argument('--no-vmap', action='store_true', help='skip timing the general vmap path')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -37,33 +52,52 @@ def main():
     cfg = RetrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay)
     removed = torch.arange(args.k)
     p = sum(q.numel() for q in net.parameters())
+    assert fast_path_layers(net, Xtr) is not None
     print(f"Iris tanh MLP depth {args.depth} width {args.width} ({p} params), n={len(Xtr)}, K={args.k}, "
-          f"T={args.steps} full-batch GD steps, lr={args.lr}, λ={args.weight_decay}, torch threads={torch.get_num_threads()}")
+          f"T={args.steps} full-batch GD steps, lr={args.lr}, λ={args.weight_decay}, torch threads={torch.get_num_threads()}, "
+          f"torch {torch.__version__}")
 
-    def batched():
-        w0, c0 = time.perf_counter(), time.process_time()
-        res = loo_retrain(net, Xtr, ytr, Xte, yte, removed, cfg, progress=False)
-        return res, time.perf_counter() - w0, time.process_time() - c0
+    batched = lambda fast=True: loo_retrain(net, Xtr, ytr, Xte, yte, removed, cfg, progress=False, fast=fast)
 
-    # The machine may be shared, so the load can change during the run: time the batched stack three times
-    # (before, between the two halves of the sequential loop, and after) and compare with the median of those.
-    seq, t_seq, c_seq, bat = [], 0.0, 0.0, [batched()]
-    for half in (removed[: args.k // 2], removed[args.k // 2:]):
-        w0, c0 = time.perf_counter(), time.process_time()
-        for j in half.tolist():
+    def sequential(idx):
+        out = []
+        for j in idx.tolist():
             m = retrain_sequential(net, Xtr, ytr, removal_weights(len(Xtr), [j])[1], cfg)
-            with torch.no_grad(): seq.append(per_example_cross_entropy(m.eval()(Xte), yte))
-        t_seq += time.perf_counter() - w0; c_seq += time.process_time() - c0
-        bat.append(batched())
-    res = bat[0][0]
-    t_bat = sorted(b[1] for b in bat)[1]; c_bat = sorted(b[2] for b in bat)[1]
+            with torch.no_grad(): out.append(per_example_cross_entropy(m.eval()(Xte), yte))
+        return out
 
-    diff = (torch.stack(seq) - res.test_losses).abs().max().item()
-    print(f"sequential loop : {t_seq:8.2f} s wall, {c_seq:8.2f} s CPU  ({t_seq / args.k:.2f} s wall per retrain)")
-    print(f"batched (K+1)   : {t_bat:8.2f} s wall, {c_bat:8.2f} s CPU  (median of 3: "
-          + ", ".join(f"{b[1]:.2f}" for b in bat) + " s wall; control model included)")
-    print(f"speed-up        : {t_seq / t_bat:8.1f}x wall, {c_seq / c_bat:.1f}x CPU   (target >= 10x)")
-    print(f"max |test-loss difference| batched vs sequential: {diff:.2e}")
+    seq_runs, bat_runs = [], []
+    for r in range(args.repeats):
+        bat_runs.append(timed(batched))
+        seq, w, c = [], 0.0, 0.0
+        for half in (removed[: args.k // 2], removed[args.k // 2:]):
+            out, dw, dc = timed(lambda: sequential(half))
+            seq += out; w += dw; c += dc
+            bat_runs.append(timed(batched))
+        seq_runs.append((torch.stack(seq), w, c))
+        print(f"  repeat {r + 1}: sequential {w:6.2f} s wall, batched " + ", ".join(f"{b[1]:.2f}" for b in bat_runs[-3:])
+              + f" s wall -> {w / statistics.median(b[1] for b in bat_runs[-3:]):.1f}x", flush=True)
+    vm = None if args.no_vmap else timed(lambda: batched(fast=False))
+
+    med = lambda xs: statistics.median(xs)
+    t_seq, c_seq = med(s[1] for s in seq_runs), med(s[2] for s in seq_runs)
+    t_bat, c_bat = med(b[1] for b in bat_runs), med(b[2] for b in bat_runs)
+    res = bat_runs[0][0]
+    diff = (seq_runs[0][0] - res.test_losses).abs().max().item()
+    T = args.steps
+    print(f"\n| threads | path | wall (s) | CPU (s) | µs per step | speed-up wall | speed-up CPU |")
+    print(f"|---|---|---|---|---|---|---|")
+    print(f"| {args.threads} | sequential loop, {args.k} retrains (median of {len(seq_runs)}) | {t_seq:.2f} | {c_seq:.2f} "
+          f"| {t_seq / (args.k * T) * 1e6:.0f} (one model) | 1.0x | 1.0x |")
+    print(f"| {args.threads} | batched fast path, {args.k}+1 models (median of {len(bat_runs)}) | {t_bat:.2f} | {c_bat:.2f} "
+          f"| {t_bat / T * 1e6:.0f} (stack) | **{t_seq / t_bat:.1f}x** | {c_seq / c_bat:.1f}x |")
+    if vm is not None:
+        print(f"| {args.threads} | batched vmap path (`fast=False`), {args.k}+1 models (1 run) | {vm[1]:.2f} | {vm[2]:.2f} "
+              f"| {vm[1] / T * 1e6:.0f} (stack) | {t_seq / vm[1]:.1f}x | {c_seq / vm[2]:.1f}x |")
+    print(f"\ntarget: batched >= 10x faster than sequential (wall): {'met' if t_seq / t_bat >= 10 else 'NOT met'}")
+    print(f"max |test-loss difference| batched (fast) vs sequential: {diff:.2e}")
+    if vm is not None:
+        print(f"max |test-loss difference| batched fast vs vmap path:    {(vm[0].test_losses - res.test_losses).abs().max().item():.2e}")
 
 
 if __name__ == '__main__':

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 
+import influence_nb.retrain as retrain_mod
 from influence_nb.retrain import (RetrainConfig, LOOResult, NoiseFloor, removal_weights, minibatch_order,
                                   per_example_cross_entropy, retrain_sequential, stack_state, train_stack,
-                                  stack_losses, loo_retrain, noise_floor, above_noise)
+                                  stack_losses, loo_retrain, noise_floor, above_noise, fast_path_layers)
 
 PROP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -79,13 +80,13 @@ def test_minibatch_order_seed_matters():
 # --- batched == sequential -------------------------------------------------------------------------------------
 @PROP
 @given(K=st.integers(1, 4), bs=st.sampled_from([None, 7, 12]), mom=st.sampled_from([0.0, 0.9]),
-       wd=st.sampled_from([0.0, 1e-2]), seed=st.integers(0, 5), steps=st.integers(1, 15))
-def test_batched_equals_sequential(K, bs, mom, wd, seed, steps):
+       wd=st.sampled_from([0.0, 1e-2]), seed=st.integers(0, 5), steps=st.integers(1, 15), fast=st.booleans())
+def test_batched_equals_sequential(K, bs, mom, wd, seed, steps, fast):
     X, y = data(30, seed=seed)
     net = mlp(seed)
     cfg = RetrainConfig(steps=steps, lr=0.3, weight_decay=wd, momentum=mom, batch_size=bs, seed=seed)
     removed = torch.randperm(30, generator=torch.Generator().manual_seed(seed))[:K]
-    r = loo_retrain(net, X, y, X[:6], y[:6], removed, cfg, chunk_size=2, progress=False)
+    r = loo_retrain(net, X, y, X[:6], y[:6], removed, cfg, chunk_size=2, progress=False, fast=fast)
     theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
     for k, j in enumerate(removed.tolist()):
         l, p = seq_losses(net, X, y, X[:6], y[:6], removal_weights(30, [j])[1], cfg)
@@ -93,6 +94,97 @@ def test_batched_equals_sequential(K, bs, mom, wd, seed, steps):
         torch.testing.assert_close(r.param_change[k], p.detach() - theta, atol=1e-5, rtol=1e-5)
     l0, _ = seq_losses(net, X, y, X[:6], y[:6], torch.ones(30), cfg)
     torch.testing.assert_close(r.control_losses, l0, atol=1e-5, rtol=1e-5)
+
+
+# --- the fast path (batched matmuls, no vmap) for Linear/elementwise MLPs ---------------------------------------
+ACTS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.ELU, lambda: nn.LeakyReLU(0.2), nn.SiLU, nn.Softplus, nn.Identity,
+        nn.Flatten]
+
+
+def no_vmap(monkeypatch):
+    "Make the general vmap path fail loudly, so a passing call proves the fast path ran."
+    def boom(*a, **k): raise AssertionError('vmap path used')
+    monkeypatch.setattr(retrain_mod, '_stack_forward', boom)
+
+
+def test_fast_path_taken_for_mlp_and_matches(monkeypatch):
+    X, y = data(30)
+    net = mlp(0)
+    assert [c[0] for c in fast_path_layers(net, X)] == ['linear', 'act', 'linear']
+    assert fast_path_layers(mlp(0, bn=True), X) is None
+    assert fast_path_layers(nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), X) is None
+    assert fast_path_layers(nn.Sequential(nn.Linear(4, 3), nn.PReLU()), X) is None  # activation with a parameter
+    assert fast_path_layers(nn.Sequential(nn.Sequential(nn.Linear(4, 3))), X) is None  # nested: vmap path
+    assert fast_path_layers(net, X[:, None]) is None  # 3-D inputs: vmap path
+    hooked = mlp(0); hooked[1].register_forward_hook(lambda m, i, o: None)
+    assert fast_path_layers(hooked, X) is None
+    cfg = RetrainConfig(steps=20, lr=0.3, weight_decay=1e-2, momentum=0.9, batch_size=8, seed=1)
+    W = removal_weights(30, [2, 17, 29])
+    Pv, Bv = stack_state(net, 4); train_stack(net, Pv, Bv, W, X, y, cfg, fast=False)
+    Lv = stack_losses(net, Pv, Bv, X, y, fast=False)
+    with monkeypatch.context() as m:
+        no_vmap(m)
+        Pf, Bf = stack_state(net, 4); train_stack(net, Pf, Bf, W, X, y, cfg)
+        Lf = stack_losses(net, Pf, Bf, X, y)
+        r = loo_retrain(net, X, y, X[:5], y[:5], [2, 17, 29], cfg, progress=False)
+    for k in Pv: torch.testing.assert_close(Pf[k], Pv[k], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(Lf, Lv, atol=1e-6, rtol=1e-6)
+    for k in range(4):
+        ref = retrain_sequential(net, X, y, W[k], cfg)
+        for name, p in ref.named_parameters(): torch.testing.assert_close(Pf[name][k], p.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.test_losses, Lf[1:, :5], atol=1e-6, rtol=1e-6)
+
+
+def test_vmap_path_still_used_for_batchnorm(monkeypatch):
+    X, y = data(20)
+    net = mlp(1, bn=True)
+    no_vmap(monkeypatch)
+    with pytest.raises(AssertionError, match='vmap path used'):
+        train_stack(net, *stack_state(net, 2), torch.ones(2, 20), X, y, RetrainConfig(steps=1, lr=0.1))
+
+
+@PROP
+@given(acts=st.lists(st.sampled_from(range(len(ACTS))), min_size=1, max_size=3), width=st.integers(1, 7),
+       bias=st.booleans(), lead_act=st.booleans(), K=st.integers(1, 4), bs=st.sampled_from([None, 5, 11]),
+       mom=st.sampled_from([0.0, 0.5]), wd=st.sampled_from([0.0, 1e-2]), per_model=st.booleans(),
+       seed=st.integers(0, 20))
+def test_fast_path_equals_vmap_and_sequential(acts, width, bias, lead_act, K, bs, mom, wd, per_model, seed):
+    "Random Linear/activation stacks: fast path == vmap path == plain loop, shared or per-model minibatches."
+    X, y = data(23, seed=seed)
+    torch.manual_seed(seed)
+    layers, d = ([nn.Tanh()] if lead_act else []), 4
+    for a in acts: layers += [nn.Linear(d, width, bias=bias), ACTS[a]()]; d = width
+    net = nn.Sequential(*layers, nn.Linear(d, 3))
+    assert fast_path_layers(net, X) is not None
+    cfg = RetrainConfig(steps=8, lr=0.2, weight_decay=wd, momentum=mom, batch_size=bs, seed=seed)
+    W = removal_weights(23, torch.randperm(23, generator=torch.Generator().manual_seed(seed))[:K])
+    seeds = list(range(seed, seed + len(W))) if per_model else None
+    out = {}
+    for fast in (True, False):
+        P, B = stack_state(net, len(W))
+        train_stack(net, P, B, W, X, y, cfg, seeds=seeds, fast=fast)
+        out[fast] = P, stack_losses(net, P, B, X, y, fast=fast)
+    for name in out[True][0]: torch.testing.assert_close(out[True][0][name], out[False][0][name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=1e-5)
+    for k in range(len(W)):
+        c = cfg if seeds is None else RetrainConfig(**{**asdict(cfg), 'seed': seeds[k]})
+        ref = retrain_sequential(net, X, y, W[k], c)
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(out[True][0][name][k], p.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_other_loss_and_bare_linear(monkeypatch):
+    "A bare nn.Linear with a non-cross-entropy loss (the loss is called on (K·B, out), as on the vmap path)."
+    X, y = data(25)
+    t = X @ torch.tensor([1., -1., .5, 2.])
+    sq = lambda o, t: (o.squeeze(-1) - t) ** 2
+    net = nn.Linear(4, 1)
+    cfg = RetrainConfig(steps=30, lr=0.05, weight_decay=1e-3, batch_size=10)
+    rv = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=sq, progress=False, fast=False)
+    no_vmap(monkeypatch)
+    rf = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=sq, progress=False)
+    torch.testing.assert_close(rf.test_losses, rv.test_losses, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rf.param_change, rv.param_change, atol=1e-6, rtol=1e-5)
 
 
 def test_batchnorm_buffers_stacked_and_match():
@@ -214,8 +306,9 @@ def test_noise_floor_matches_sequential_and_full_batch_is_zero():
         l, _ = seq_losses(net, X, y, X[:4], y[:4], torch.ones(30), RetrainConfig(**{**asdict(cfg), 'seed': s}))
         torch.testing.assert_close(nf.losses[k], l, atol=1e-5, rtol=1e-5)
     assert (nf.std > 0).all() and (nf.spread >= nf.std).all()
+    assert torch.allclose(noise_floor(net, X, y, X[:4], y[:4], cfg, seeds=[3, 4, 5], fast=False).losses, nf.losses, atol=1e-6)
     full = noise_floor(net, X, y, X[:4], y[:4], RetrainConfig(steps=5, lr=0.1), seeds=[1, 2, 3])
-    assert torch.equal(full.std, torch.zeros(4))
+    assert torch.equal(full.std, torch.zeros(4)) and full.losses.shape == (3, 4)
     with pytest.raises(ValueError): train_stack(net, *stack_state(net, 2), torch.ones(2, 30), X, y, cfg, seeds=[1])
 
 
