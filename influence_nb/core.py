@@ -7,7 +7,7 @@ __all__ = ['SOLVERS', 'as_loader', 'select_params', 'Flat', 'InfluenceError', 'H
            'SolveInfo', 'register_solver', 'IHVPSolver', 'make_solver', 'relative_residual', 'ExactSolver', 'Influence',
            'influence_scores', 'upweight_influence', 'param_changes', 'self_influence']
 
-# %% ../nbs/00_influence.ipynb #78d76f38
+# %% ../nbs/00_influence.ipynb #af2f566b
 import math, warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -23,7 +23,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
 
-# %% ../nbs/00_influence.ipynb #43188e1a
+# %% ../nbs/00_influence.ipynb #93e6a6d0
 def as_loader(data, batch_size: int = 256, name: str = "data") -> DataLoader:
     "A DataLoader in a fixed order from an `(X, y)` pair of tensors, a `Dataset` or a `DataLoader`."
     if isinstance(data, DataLoader):
@@ -49,7 +49,7 @@ def as_loader(data, batch_size: int = 256, name: str = "data") -> DataLoader:
         raise ValueError(f"{name} is empty: no examples to compute influence on")
     return loader
 
-# %% ../nbs/00_influence.ipynb #f91b5326
+# %% ../nbs/00_influence.ipynb #9e244e81
 def select_params(model: nn.Module, params=None) -> dict:
     "The named parameters that influence is taken with respect to: all trainable ones, or those named/given in `params`."
     named = dict(model.named_parameters())
@@ -75,7 +75,7 @@ def select_params(model: nn.Module, params=None) -> dict:
         raise ValueError("params: no parameters selected (are they all requires_grad=False?)")
     return sel
 
-# %% ../nbs/00_influence.ipynb #81ce2701
+# %% ../nbs/00_influence.ipynb #736f5e3a
 class Flat:
     "Maps a dict of named tensors to one flat vector and back (views, in a fixed order)."
     def __init__(self, tensors: dict):
@@ -92,7 +92,7 @@ class Flat:
         "Split a flat (p,) vector into the dict of named tensors."
         return {k: c.view(s) for k, c, s in zip(self.names, torch.split(v, self.sizes), self.shapes)}
 
-# %% ../nbs/00_influence.ipynb #6f6cdada
+# %% ../nbs/00_influence.ipynb #dcccdb52
 class InfluenceError(ValueError):
     "Raised when influence cannot be computed as asked (bad input, a singular Hessian, a diverging solver)."
 
@@ -102,7 +102,7 @@ class HessianNotPositiveDefinite(InfluenceError):
 class NonFiniteError(InfluenceError, FloatingPointError):
     "A loss or gradient came out NaN or infinite."
 
-# %% ../nbs/00_influence.ipynb #0a7d3e78
+# %% ../nbs/00_influence.ipynb #42aa6293
 @dataclass
 class SolveInfo:
     "What an inverse-HVP solve did: solver, damping, weight decay, relative residual and solver-specific details."
@@ -117,7 +117,7 @@ class SolveInfo:
         return (f"solver={self.solver}, damping δ={self.damping:g}, weight decay λ={self.weight_decay:g}, "
                 f"relative residual ||(H+δI)x-v||/||v|| = {self.residual:.2e}{it}")
 
-# %% ../nbs/00_influence.ipynb #821ea149
+# %% ../nbs/00_influence.ipynb #a82329a1
 class _EvalMode:
     "Context manager: put a module in eval mode and restore every submodule's flag afterwards."
     def __init__(self, model): self.model = model
@@ -127,7 +127,7 @@ class _EvalMode:
     def __exit__(self, *exc):
         for m, f in self.flags: m.training = f
 
-# %% ../nbs/00_influence.ipynb #5995524d
+# %% ../nbs/00_influence.ipynb #7ed57d09
 class _Engine:
     "Model, loss and data as functions of one flat parameter vector; streams batches, per-example losses and gradients."
     def __init__(self, model: nn.Module, loss_fn: Callable, train, *, weight_decay: float = 0., damping: float = 0.,
@@ -218,7 +218,7 @@ class _Engine:
         "All per-example gradients of `data` as one (n, p) matrix (holds n·p numbers: for small sets)."
         return torch.cat(list(self.grads(data, name)))
 
-# %% ../nbs/00_influence.ipynb #37be0ba5
+# %% ../nbs/00_influence.ipynb #ce8e1f34
 class _Curvature(_Engine):
     "Adds Hessian-vector products (forward-over-reverse), minibatch HVPs and the full Hessian for small p."
     def hvp(self, V: Tensor) -> Tensor:
@@ -260,7 +260,7 @@ class _Curvature(_Engine):
             self.n = sum(x.shape[0] for x, _ in self.batches(self.train, "train"))
         return self.n
 
-# %% ../nbs/00_influence.ipynb #5f878a97
+# %% ../nbs/00_influence.ipynb #c2d13b56
 SOLVERS: dict = {}
 
 def register_solver(cls):
@@ -287,12 +287,12 @@ def make_solver(solver="exact", **options) -> IHVPSolver:
         raise InfluenceError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)} or pass an IHVPSolver")
     return SOLVERS[solver](**options)
 
-# %% ../nbs/00_influence.ipynb #482f47e6
+# %% ../nbs/00_influence.ipynb #bf281336
 def relative_residual(A: Tensor, X: Tensor, V: Tensor) -> float:
     "max over rows of ||A x - v|| / ||v|| for rows x of X and v of V, where A holds the rows (H + δI) x."
     return float(((A - V).norm(dim=-1) / V.norm(dim=-1).clamp_min(torch.finfo(V.dtype).tiny)).max())
 
-# %% ../nbs/00_influence.ipynb #7a41efb5
+# %% ../nbs/00_influence.ipynb #65c2dc3a
 @register_solver
 class ExactSolver(IHVPSolver):
     "Forms H (small p), eigen-decomposes H + δI once, and solves exactly; refuses a singular or, undamped, indefinite H."
@@ -334,7 +334,7 @@ class ExactSolver(IHVPSolver):
                          details={"min_eigenvalue": float(evals[0]), "max_eigenvalue": float(evals[-1])})
         return X.T.to(inf.dtype), info
 
-# %% ../nbs/00_influence.ipynb #06eadb5e
+# %% ../nbs/00_influence.ipynb #37919dc2
 class Influence(_Curvature):
     "Influence functions of a trained model on its training set: per-example gradients, HVPs, inverse-HVP solves, scores."
     def __init__(self, model: nn.Module, loss_fn: Callable, train, *, weight_decay: float = 0., damping: float = 0.,
@@ -384,7 +384,7 @@ class Influence(_Curvature):
         out = (G * X).sum(1) / self.num_train()
         return (out, info) if return_info else out
 
-# %% ../nbs/00_influence.ipynb #6bc166ec
+# %% ../nbs/00_influence.ipynb #0a05ed0b
 def influence_scores(model: nn.Module, loss_fn: Callable, train, test, *, weight_decay: float = 0., damping: float = 0.,
                      solver="exact", params=None, batch_size: int = 256, dtype=None, return_info: bool = False,
                      **solver_options):
@@ -393,7 +393,7 @@ def influence_scores(model: nn.Module, loss_fn: Callable, train, test, *, weight
                     batch_size=batch_size, dtype=dtype, **solver_options)
     return inf.scores(test, return_info=return_info)
 
-# %% ../nbs/00_influence.ipynb #30c9a616
+# %% ../nbs/00_influence.ipynb #704804d0
 def upweight_influence(model: nn.Module, loss_fn: Callable, train, test, **kw):
     "The paper's I(z, z_t) = -∇ℓ_tᵀ H⁻¹ ∇ℓ_z: d(test loss)/dε when z is up-weighted by ε; equals -n × influence_scores."
     out = influence_scores(model, loss_fn, train, test, **kw)
@@ -401,7 +401,7 @@ def upweight_influence(model: nn.Module, loss_fn: Callable, train, test, **kw):
     n = scores.shape[1]
     return (-n * scores, info) if info is not None else -n * scores
 
-# %% ../nbs/00_influence.ipynb #909424c4
+# %% ../nbs/00_influence.ipynb #e715250f
 def param_changes(model: nn.Module, loss_fn: Callable, train, **kw):
     "Predicted change of the parameters when each training example is removed, Tensor[n_train, p]."
     return_info = kw.pop("return_info", False)
