@@ -6,7 +6,7 @@
 __all__ = ['ACTIVATIONS', 'PAPER_NUMBERS', 'iris_data', 'iris_mlp', 'IrisSetting', 'IrisConfig', 'train_iris_models',
            'evaluate_model', 'run_iris_study', 'seed_stats', 'correlation_table', 'plot_iris_figures']
 
-# %% ../nbs/04_iris.ipynb #6374cadb
+# %% ../nbs/04_iris.ipynb #2545f964
 import json, math, time, warnings
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
@@ -20,7 +20,7 @@ from .core import Influence, HessianNotPositiveDefinite
 from .retrain import RetrainConfig, train_stack, loo_retrain
 from .metrics import top_fraction
 
-# %% ../nbs/04_iris.ipynb #fff0bd96
+# %% ../nbs/04_iris.ipynb #7a1b19e3
 def iris_data(dtype=torch.float64, split_seed: int = 0):
     "Iris as (X_train, y_train, X_test, y_test): a stratified 120/30 split, features standardised with training statistics."
     from sklearn.datasets import load_iris
@@ -31,7 +31,7 @@ def iris_data(dtype=torch.float64, split_seed: int = 0):
     f = lambda a: torch.tensor((a - mu) / sd, dtype=dtype)
     return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
 
-# %% ../nbs/04_iris.ipynb #387dc39e
+# %% ../nbs/04_iris.ipynb #aa7bcf5a
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 def iris_mlp(depth: int = 1, width: int = 5, activation: str = "relu", seed: int = 0, dtype=torch.float64) -> nn.Sequential:
@@ -45,7 +45,7 @@ def iris_mlp(depth: int = 1, width: int = 5, activation: str = "relu", seed: int
         return nn.Sequential(*layers, nn.Linear(d, 3)).to(dtype)
     finally: g.__exit__(None, None, None)
 
-# %% ../nbs/04_iris.ipynb #0a35c02a
+# %% ../nbs/04_iris.ipynb #3da4b996
 @dataclass(frozen=True)
 class IrisSetting:
     "One network of the study: architecture, weight decay, and the damping used when there is no decay."
@@ -95,7 +95,7 @@ class IrisConfig:
             "width": [IrisSetting(1, k, "tanh", wd) for k in self.widths],
         }
 
-# %% ../nbs/04_iris.ipynb #7bf1283b
+# %% ../nbs/04_iris.ipynb #518d67b8
 def train_iris_models(setting: IrisSetting, cfg: IrisConfig, seeds, data, progress: bool = False) -> list:
     "Train one network per seed to θ* by full-batch gradient descent, all seeds at once as a stack (float64)."
     Xtr, ytr = data[:2]
@@ -109,14 +109,16 @@ def train_iris_models(setting: IrisSetting, cfg: IrisConfig, seeds, data, progre
             for k, p in m.named_parameters(): p.copy_(P[k][i])
     return models
 
-# %% ../nbs/04_iris.ipynb #053bf5dd
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(np.asarray(a), np.asarray(b)).statistic)
+# %% ../nbs/04_iris.ipynb #d226cf79
+def _corr(kind, a, b) -> float:
+    "Spearman or Pearson correlation; NaN (no warning) when either side is constant, e.g. a collapsed network."
+    from scipy import stats
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if np.ptp(a) == 0 or np.ptp(b) == 0: return float("nan")
+    return float((stats.spearmanr if kind == "spearman" else stats.pearsonr)(a, b).statistic)
 
-def _pearson(a, b) -> float:
-    from scipy.stats import pearsonr
-    return float(pearsonr(np.asarray(a), np.asarray(b)).statistic)
+def _spearman(a, b) -> float: return _corr("spearman", a, b)
+def _pearson(a, b) -> float: return _corr("pearson", a, b)
 
 def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data, seed: int, loo_dir=None,
                    with_lissa: bool = False) -> dict:
@@ -149,9 +151,11 @@ def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data
                predicted=pred.tolist(), truth=truth.tolist(), truth_controlled=truth_c.tolist(),
                control_drift=float(loo.control_losses[0] - loo.base_losses[0]),
                norm_pred=dtheta_pred[top].norm(dim=1).tolist(), norm_true=loo.param_change_norm.tolist(),
+               norm_true_controlled=(loo.param_change - loo.control_param_change).norm(dim=1).tolist(),
                spearman=_spearman(pred, truth), pearson=_pearson(pred, truth),
                spearman_controlled=_spearman(pred, truth_c), pearson_controlled=_pearson(pred, truth_c),
-               spearman_norms=_spearman(dtheta_pred[top].norm(dim=1), loo.param_change_norm))
+               spearman_norms=_spearman(dtheta_pred[top].norm(dim=1), loo.param_change_norm),
+               spearman_norms_controlled=_spearman(dtheta_pred[top].norm(dim=1), (loo.param_change - loo.control_param_change).norm(dim=1)))
     if with_lissa:
         linf = Influence(model, ce, (Xtr, ytr), weight_decay=setting.weight_decay, damping=damping, solver="lissa",
                          **cfg.lissa, seed=seed)
@@ -160,7 +164,7 @@ def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data
                    lissa_vs_exact=_spearman(ls[0], scores))
     return out
 
-# %% ../nbs/04_iris.ipynb #ef2c16c3
+# %% ../nbs/04_iris.ipynb #d110fbca
 PAPER_NUMBERS = {  # Basu et al. 2021, Section 5.1 (numbers stated in the text)
     "spearman_with_decay": 0.97, "spearman_without_decay": 0.508, "width_8": 0.82, "width_50": 0.56}
 
@@ -202,7 +206,7 @@ def run_iris_study(cfg: IrisConfig | None = None, out=None, progress: bool = Tru
         (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-# %% ../nbs/04_iris.ipynb #ce1c41e3
+# %% ../nbs/04_iris.ipynb #5e8e9259
 def _by_setting(summary: dict) -> dict:
     "Runs grouped by setting key."
     out = {}
@@ -215,24 +219,26 @@ def seed_stats(summary: dict, key: str, metric: str) -> tuple:
     return (float(v.mean()) if len(v) else float("nan"), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
 
 def correlation_table(summary: dict) -> str:
-    "The study's correlations per setting, mean ± sd over seeds, with the paper's numbers where the text gives them."
+    "The study's correlations per setting, mean ± sd over seeds (k/n: only k of n seeds defined), beside the paper's numbers."
     runs = _by_setting(summary)
     paper = {("decay", "relu", True): PAPER_NUMBERS["spearman_with_decay"], ("decay", "relu", False): PAPER_NUMBERS["spearman_without_decay"]}
     ws = summary["config"]["widths"]
-    rows = [f"{'sweep':<6} {'setting':<30} {'Spearman':>14} {'Pearson':>14} {'Sp. of |Δθ|':>14} {'top eig':>8} {'δ used':>8} {'paper':>6}"]
+    rows = [f"{'sweep':<6} {'setting':<30} {'Spearman':>20} {'Pearson':>20} {'Sp. of |Δθ|':>20} {'top eig':>8} {'δ used':>8} {'paper':>6}"]
     for g, keys in summary["groups"].items():
         for key in keys:
             s = runs[key][0]["setting"]
-            f = lambda m: "{:+.3f} ± {:.3f}".format(*seed_stats(summary, key, m)[:2])
+            def f(m):
+                mean, sd, k = seed_stats(summary, key, m)
+                return f"{mean:+.3f} ± {sd:.3f}" + ("" if k == len(runs[key]) else f" ({k}/{len(runs[key])})")
             ref = paper.get((g, s["activation"], s["weight_decay"] > 0))
             if g == "width" and s["width"] == min(ws) and min(ws) == 8: ref = PAPER_NUMBERS["width_8"]
             if g == "width" and s["width"] == max(ws) and max(ws) == 50: ref = PAPER_NUMBERS["width_50"]
             dmp = max(r["damping_used"] for r in runs[key])
-            rows.append(f"{g:<6} {key:<30} {f('spearman'):>14} {f('pearson'):>14} {f('spearman_norms'):>14} "
+            rows.append(f"{g:<6} {key:<30} {f('spearman'):>20} {f('pearson'):>20} {f('spearman_norms'):>20} "
                         f"{seed_stats(summary, key, 'top_eigenvalue')[0]:>8.2f} {dmp:>8.1e} {'' if ref is None else ref:>6}")
     return "\n".join(rows)
 
-# %% ../nbs/04_iris.ipynb #6affc91e
+# %% ../nbs/04_iris.ipynb #b0171945
 def _sweep(summary, group, activation, xname, metric):
     "x values, means and sds over seeds of `metric` along a sweep of one activation."
     runs = _by_setting(summary)
@@ -250,8 +256,11 @@ def plot_iris_figures(summary: dict, out=None) -> dict:
         fig, axs = plt.subplots(1, 2, figsize=(9, 3.8))
         for ax, key in zip(axs, [k for k in summary["groups"]["decay"] if runs[k][0]["setting"]["activation"] == activation]):
             r = runs[key][0]
-            ax.scatter(r["norm_true"], r["norm_pred"], s=14)
-            lim = max(max(r["norm_true"]), max(r["norm_pred"])) * 1.08
+            ax.scatter(r["norm_true"], r["norm_pred"], s=14, label="‖θ₋ⱼ − θ*‖ (paper's truth)")
+            if "norm_true_controlled" in r:
+                ax.scatter(r["norm_true_controlled"], r["norm_pred"], s=14, marker="x", label="‖θ₋ⱼ − θ_all‖ (control run)")
+                ax.legend(fontsize=7)
+            lim = max(max(r["norm_true"]), max(r.get("norm_true_controlled", [0])), max(r["norm_pred"])) * 1.08
             ax.plot([0, lim], [0, lim], "k--", lw=.7)
             wd = r["setting"]["weight_decay"]
             ax.set_title(f"{'with' if wd else 'without'} weight decay (λ={wd:g}, δ={r['damping_used']:.1g})\n"
@@ -289,7 +298,7 @@ def plot_iris_figures(summary: dict, out=None) -> dict:
         for k, f in figs.items(): f.savefig(Path(out) / "figures" / f"{k}.png", dpi=110)
     return figs
 
-# %% ../nbs/04_iris.ipynb #911d6894
+# %% ../nbs/04_iris.ipynb #a65932d8
 def _add_iris_args(p):
     "Options of `influence_nb iris`."
     p.add_argument("--preset", choices=["quick", "paper"], default="quick", help="quick: ~2 min on 2 CPU cores; paper: the paper's protocol")
