@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'STUDY_MODULES', 'register_command', 'parser', 'main']
 
-# %% ../nbs/08_cli.ipynb #05155c37
+# %% ../nbs/08_cli.ipynb #cc14c87f
 import argparse, platform, sys
 from typing import Callable
 
@@ -15,7 +15,7 @@ def register_command(name: str, help: str, add_args: Callable, run: Callable):
     "Make `influence_nb NAME` run `run(args)` with the options `add_args(parser)` defines."
     COMMANDS[name] = (help, add_args, run)
 
-# %% ../nbs/08_cli.ipynb #ec7b9a90
+# %% ../nbs/08_cli.ipynb #0cf372a9
 def _info(args) -> int:
     "Print the versions and the compute device."
     import torch, numpy, scipy
@@ -28,7 +28,7 @@ def _info(args) -> int:
 
 register_command("info", "print versions and the compute device", lambda p: None, _info)
 
-# %% ../nbs/08_cli.ipynb #cfbb17a8
+# %% ../nbs/08_cli.ipynb #847d3863
 STUDY_MODULES = ["influence_nb.iris", "influence_nb.small_mnist"]
 
 def parser() -> argparse.ArgumentParser:
