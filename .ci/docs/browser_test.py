@@ -230,9 +230,9 @@ def main():
             box.click()
             box.send_keys(word)
             hits = []
-            for _ in range(100):
-                hits = [e.get_attribute("href") for e in d.find_elements(By.CSS_SELECTOR, ".md-search-result__link")]
-                if hits: break
+            for _ in range(100):   # results re-render while the index loads: read them in one script call, until they hold the page
+                hits = d.execute_script("return [...document.querySelectorAll('.md-search-result__link')].map(e => e.href)") or []
+                if any(urlparse(h).path.endswith("/" + target["page"]) for h in hits): break
                 time.sleep(0.1)
             if not any(urlparse(h).path.endswith("/" + target["page"]) for h in hits):
                 fail("search", f"searching {word!r} did not find {target['page']} (results: {hits[:5]})")
