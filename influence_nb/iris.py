@@ -6,7 +6,7 @@
 __all__ = ['ACTIVATIONS', 'PAPER_NUMBERS', 'iris_data', 'iris_mlp', 'IrisSetting', 'IrisConfig', 'train_iris_models',
            'evaluate_model', 'run_iris_study', 'seed_stats', 'correlation_table', 'plot_iris_figures']
 
-# %% ../nbs/04_iris.ipynb #2545f964
+# %% ../nbs/04_iris.ipynb #ce4276a2
 import json, math, time, warnings
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from .core import Influence, HessianNotPositiveDefinite
 from .retrain import RetrainConfig, train_stack, loo_retrain
-from .metrics import top_fraction
+from .metrics import correlation, top_fraction
 
-# %% ../nbs/04_iris.ipynb #7a1b19e3
+# %% ../nbs/04_iris.ipynb #552f38e6
 def iris_data(dtype=torch.float64, split_seed: int = 0):
     "Iris as (X_train, y_train, X_test, y_test): a stratified 120/30 split, features standardised with training statistics."
     from sklearn.datasets import load_iris
@@ -31,7 +31,7 @@ def iris_data(dtype=torch.float64, split_seed: int = 0):
     f = lambda a: torch.tensor((a - mu) / sd, dtype=dtype)
     return f(Xtr), torch.tensor(ytr), f(Xte), torch.tensor(yte)
 
-# %% ../nbs/04_iris.ipynb #aa7bcf5a
+# %% ../nbs/04_iris.ipynb #71531c56
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 def iris_mlp(depth: int = 1, width: int = 5, activation: str = "relu", seed: int = 0, dtype=torch.float64) -> nn.Sequential:
@@ -45,7 +45,7 @@ def iris_mlp(depth: int = 1, width: int = 5, activation: str = "relu", seed: int
         return nn.Sequential(*layers, nn.Linear(d, 3)).to(dtype)
     finally: g.__exit__(None, None, None)
 
-# %% ../nbs/04_iris.ipynb #3da4b996
+# %% ../nbs/04_iris.ipynb #9e8c81c6
 @dataclass(frozen=True)
 class IrisSetting:
     "One network of the study: architecture, weight decay, and the damping used when there is no decay."
@@ -95,7 +95,7 @@ class IrisConfig:
             "width": [IrisSetting(1, k, "tanh", wd) for k in self.widths],
         }
 
-# %% ../nbs/04_iris.ipynb #518d67b8
+# %% ../nbs/04_iris.ipynb #a8de63c4
 def train_iris_models(setting: IrisSetting, cfg: IrisConfig, seeds, data, progress: bool = False) -> list:
     "Train one network per seed to θ* by full-batch gradient descent, all seeds at once as a stack (float64)."
     Xtr, ytr = data[:2]
@@ -109,16 +109,14 @@ def train_iris_models(setting: IrisSetting, cfg: IrisConfig, seeds, data, progre
             for k, p in m.named_parameters(): p.copy_(P[k][i])
     return models
 
-# %% ../nbs/04_iris.ipynb #d226cf79
-def _corr(kind, a, b) -> float:
-    "Spearman or Pearson correlation; NaN (no warning) when either side is constant, e.g. a collapsed network."
-    from scipy import stats
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if np.ptp(a) == 0 or np.ptp(b) == 0: return float("nan")
-    return float((stats.spearmanr if kind == "spearman" else stats.pearsonr)(a, b).statistic)
+# %% ../nbs/04_iris.ipynb #6be976b2
+def _spearman(a, b) -> float:
+    "Spearman correlation without an interval; NaN when a side is constant (e.g. a collapsed network)."
+    return correlation(a, b, "spearman", n_boot=0).r
 
-def _spearman(a, b) -> float: return _corr("spearman", a, b)
-def _pearson(a, b) -> float: return _corr("pearson", a, b)
+def _pearson(a, b) -> float:
+    "Pearson correlation without an interval; NaN when a side is constant."
+    return correlation(a, b, "pearson", n_boot=0).r
 
 def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data, seed: int, loo_dir=None,
                    with_lissa: bool = False) -> dict:
@@ -164,7 +162,7 @@ def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data
                    lissa_vs_exact=_spearman(ls[0], scores))
     return out
 
-# %% ../nbs/04_iris.ipynb #d110fbca
+# %% ../nbs/04_iris.ipynb #df7c6b09
 PAPER_NUMBERS = {  # Basu et al. 2021, Section 5.1 (numbers stated in the text)
     "spearman_with_decay": 0.97, "spearman_without_decay": 0.508, "width_8": 0.82, "width_50": 0.56}
 
@@ -206,7 +204,7 @@ def run_iris_study(cfg: IrisConfig | None = None, out=None, progress: bool = Tru
         (out / "results.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-# %% ../nbs/04_iris.ipynb #5e8e9259
+# %% ../nbs/04_iris.ipynb #f5908d76
 def _by_setting(summary: dict) -> dict:
     "Runs grouped by setting key."
     out = {}
@@ -238,7 +236,7 @@ def correlation_table(summary: dict) -> str:
                         f"{seed_stats(summary, key, 'top_eigenvalue')[0]:>8.2f} {dmp:>8.1e} {'' if ref is None else ref:>6}")
     return "\n".join(rows)
 
-# %% ../nbs/04_iris.ipynb #b0171945
+# %% ../nbs/04_iris.ipynb #27574e66
 def _sweep(summary, group, activation, xname, metric):
     "x values, means and sds over seeds of `metric` along a sweep of one activation."
     runs = _by_setting(summary)
@@ -298,7 +296,7 @@ def plot_iris_figures(summary: dict, out=None) -> dict:
         for k, f in figs.items(): f.savefig(Path(out) / "figures" / f"{k}.png", dpi=110)
     return figs
 
-# %% ../nbs/04_iris.ipynb #a65932d8
+# %% ../nbs/04_iris.ipynb #c08f6317
 def _add_iris_args(p):
     "Options of `influence_nb iris`."
     p.add_argument("--preset", choices=["quick", "paper"], default="quick", help="quick: ~2 min on 2 CPU cores; paper: the paper's protocol")
