@@ -4,17 +4,19 @@
 
 # %% auto #0
 __all__ = ['SOLVERS', 'as_loader', 'select_params', 'Flat', 'InfluenceError', 'HessianNotPositiveDefinite', 'NonFiniteError',
-           'SolveInfo', 'register_solver', 'IHVPSolver', 'make_solver', 'relative_residual', 'ExactSolver', 'Influence',
-           'influence_scores', 'upweight_influence', 'param_changes', 'self_influence']
+           'SolveInfo', 'register_solver', 'IHVPSolver', 'make_solver', 'relative_residual', 'ExactSolver',
+           'layer_plan', 'layer_scores', 'Influence', 'influence_scores', 'upweight_influence', 'param_changes',
+           'self_influence']
 
 # %% ../nbs/00_influence.ipynb #af2f566b
-import math, warnings
+import itertools, math, time, warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn, Tensor
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset, RandomSampler
 
 # torch registers its forward-mode (jvp) decompositions on first use through torch.jit.script, which warns of its own
@@ -131,15 +133,21 @@ class _EvalMode:
 class _Engine:
     "Model, loss and data as functions of one flat parameter vector; streams batches, per-example losses and gradients."
     def __init__(self, model: nn.Module, loss_fn: Callable, train, *, weight_decay: float = 0., damping: float = 0.,
-                 params=None, batch_size: int = 256, dtype: torch.dtype | None = None, hvp_chunk: int | None = 64):
+                 params=None, batch_size: int = 256, dtype: torch.dtype | None = None, hvp_chunk: int | None = 64,
+                 hessian_data=None, hvp_mode: str = "auto"):
         if not isinstance(model, nn.Module): raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn): raise TypeError("loss_fn must be callable as loss_fn(outputs, targets)")
         for nm, v in (("weight_decay", weight_decay), ("damping", damping)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{nm} must be a finite number >= 0, got {v!r}")
         self.model, self.loss_fn, self.batch_size, self.hvp_chunk = model, loss_fn, batch_size, hvp_chunk
+        if hvp_mode not in ("auto", "vmap", "loop"):
+            raise ValueError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {hvp_mode!r}")
+        self.hvp_mode = hvp_mode   # several HVPs on one batch: vmapped, or looped over the batch's graph ('auto': timed once)
         self.weight_decay, self.damping = float(weight_decay), float(damping)
         self.train = as_loader(train, batch_size, "train")
+        # the data H is taken over: the training set, or a subset of it (hessian_data) when a full pass is too dear
+        self.curv = self.train if hessian_data is None else as_loader(hessian_data, batch_size, "hessian_data")
         sel = select_params(model, params)
         first = next(iter(sel.values()))
         self.device, self.dtype = first.device, dtype or first.dtype
@@ -220,19 +228,35 @@ class _Engine:
 
 # %% ../nbs/00_influence.ipynb #ce8e1f34
 class _Curvature(_Engine):
-    "Adds Hessian-vector products (forward-over-reverse), minibatch HVPs and the full Hessian for small p."
+    "Adds Hessian-vector products (reverse-over-reverse), minibatch HVPs and the full Hessian for small p."
+    def _loss_hvp(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        "Rows H_B v of one batch's mean-loss Hessian (no weight decay): reverse-over-reverse, the batch's graph built once."
+        _, pull = vjp(lambda th: grad(self.batch_loss)(th, x, y), self.theta)
+        one = lambda v: pull(v)[0]
+        run = {"vmap": lambda W: vmap(one, chunk_size=self.hvp_chunk)(W),
+               "loop": lambda W: torch.stack([one(v) for v in W])}
+        mode = self.hvp_mode if self.hvp_mode != "auto" else self.cache.get("hvp_mode")
+        if mode is None and len(V) >= 4:      # pick the faster way once, timed per vector on this batch's first rows
+            one(V[0])                                       # warm-up: first-call costs count for neither
+            m = min(len(V) - 2, 4)                          # vmap's fixed cost spreads over its vectors: time a few
+            t0 = time.perf_counter(); a = run["loop"](V[:2]); t1 = time.perf_counter()
+            b = run["vmap"](V[2:2 + m]); t2 = time.perf_counter()
+            # vmap holds every vector's intermediates at once: take it only when clearly faster
+            self.cache["hvp_mode"] = "vmap" if (t2 - t1) / m < 0.8 * (t1 - t0) / 2 else "loop"
+            rest = [run[self.cache["hvp_mode"]](V[2 + m:])] if len(V) > 2 + m else []
+            return torch.cat([a, b, *rest]).detach()
+        return run[mode or "vmap"](V).detach()
+
     def hvp(self, V: Tensor) -> Tensor:
         "Hessian-vector products H v of the training objective (weight decay included) for v in V (p,) or (k, p)."
         single = V.dim() == 1
         V = (V[None] if single else V).to(self.dtype)
         out, n = torch.zeros_like(V), 0
         with _EvalMode(self.model):
-            for x, y in self.batches(self.train, "train"):
-                gfun = lambda th: grad(self.batch_loss)(th, x, y)
-                one = lambda v: jvp(gfun, (self.theta,), (v,))[1]
-                out += x.shape[0] * vmap(one, chunk_size=self.hvp_chunk)(V).detach()
+            for x, y in self.batches(self.curv, "train" if self.curv is self.train else "hessian_data"):
+                out += x.shape[0] * self._loss_hvp(V, x, y)
                 n += x.shape[0]
-        self.n = n
+        if self.curv is self.train: self.n = n
         out = out / n + self.weight_decay * V
         return out[0] if single else out
 
@@ -240,10 +264,8 @@ class _Curvature(_Engine):
         "H_B v on one minibatch (its mean loss + weight decay), for v in V (p,) or (k, p): LiSSA's stochastic Hessian."
         single = V.dim() == 1
         V = (V[None] if single else V).to(self.dtype)
-        gfun = lambda th: grad(self.batch_loss)(th, x, y)
         with _EvalMode(self.model):
-            out = vmap(lambda v: jvp(gfun, (self.theta,), (v,))[1], chunk_size=self.hvp_chunk)(V).detach()
-        out = out + self.weight_decay * V
+            out = self._loss_hvp(V, x, y) + self.weight_decay * V
         return out[0] if single else out
 
     def hessian(self, chunk: int = 256) -> Tensor:
@@ -334,14 +356,79 @@ class ExactSolver(IHVPSolver):
                          details={"min_eigenvalue": float(evals[0]), "max_eigenvalue": float(evals[-1])})
         return X.T.to(inf.dtype), info
 
+# %% ../nbs/00_influence.ipynb #9771e292
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def layer_plan(eng) -> dict | None:
+    "For the 'layer' scoring pass: {module: {'weight'|'bias': flat parameter name}}, or None if some parameter is outside a Linear/Conv layer."
+    owner = {}
+    for mname, mod in eng.model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            owner[f"{mname}.{pname}" if mname else pname] = (mod, pname)
+    plan = {}
+    for name in eng.flat.names:
+        mod, pname = owner.get(name, (None, None))
+        if not isinstance(mod, _LAYER_TYPES) or pname not in ("weight", "bias"): return None
+        if not isinstance(mod, nn.Linear) and (mod.groups != 1 or mod.padding_mode != "zeros"): return None
+        plan.setdefault(mod, {})[pname] = name
+    return plan
+
+
+def layer_scores(eng, plan: dict, S: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    "Per-example sᵀ∇ℓ_j (B, k) for the rows s of S, from one backward pass: Σ over layer calls of ⟨∂ℓ_j/∂z, layer(a_j; s)⟩."
+    k, B = S.shape[0], x.shape[0]
+    parts = {name: S[:, off:off + size].reshape(k, *shape) for name, off, size, shape in
+             zip(eng.flat.names, itertools.accumulate([0] + eng.flat.sizes[:-1]), eng.flat.sizes, eng.flat.shapes)}
+    calls = []                                   # (module, input a, output z) for every call of a planned layer
+    hooks = [m.register_forward_hook(lambda m, inp, out: calls.append((m, inp[0], out))) for m in plan]
+    try:
+        theta = eng.theta.detach().requires_grad_(True)
+        out = functional_call(eng.model, {**eng.fixed, **eng.flat.unflatten(theta)}, (x,))
+        loss = eng.loss_fn(out, y) * B           # mean loss × B: ∂/∂z of example j's own loss, examples independent
+        grads = torch.autograd.grad(loss, [z for _, _, z in calls], allow_unused=True)
+    finally:
+        for h in hooks: h.remove()
+    total = torch.zeros(B, k, dtype=S.dtype, device=S.device)
+    for (m, a, _), g in zip(calls, grads):
+        if g is None: continue
+        names = plan[m]
+        W = parts[names["weight"]] if "weight" in names else None
+        b = parts[names["bias"]] if "bias" in names else None
+        if isinstance(m, nn.Linear):             # z = a Wᵀ + b over the last axis: layer(a; s) = a W_sᵀ + b_s
+            u = torch.einsum("...i,koi->...ko", a.detach(), W) if W is not None else 0.
+            if b is not None: u = u + b
+            total += torch.einsum("b...ko,b...o->bk", u.expand(*g.shape[:-1], k, g.shape[-1]), g)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)) and not isinstance(m.padding, str):
+            # per-example kernel gradients g_j = ∂ℓ_j/∂z_j · unfold(a_j)ᵀ (cost of one more convolution), then · s
+            two = (lambda t: t.unsqueeze(-2)) if isinstance(m, nn.Conv1d) else (lambda t: t)
+            pair = (lambda v, one=1: (one, v[0])) if isinstance(m, nn.Conv1d) else (lambda v, one=1: v)
+            cols = F.unfold(two(a.detach()), pair(m.kernel_size), pair(m.dilation), pair(m.padding, 0), pair(m.stride))
+            gz = g.reshape(B, m.out_channels, -1)
+            if W is not None:
+                Gw = torch.bmm(gz, cols.transpose(1, 2))                 # (B, C_out, C_in·kernel)
+                total += Gw.flatten(1) @ W.reshape(k, -1).T
+            if b is not None:
+                total += gz.sum(-1) @ b.T
+        else:                                    # other convolutions: the k kernels stacked as k × C_out channels
+            conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(m)]
+            cout = m.out_channels
+            if W is not None:
+                u = conv(a.detach(), W.reshape(k * cout, *W.shape[2:]), None, m.stride, m.padding, m.dilation)
+                u = u.reshape(B, k, cout, *u.shape[2:])
+                total += (u * g.unsqueeze(1)).flatten(2).sum(-1)
+            if b is not None:
+                total += g.flatten(2).sum(-1) @ b.T
+    return total.detach()
+
 # %% ../nbs/00_influence.ipynb #37919dc2
 class Influence(_Curvature):
     "Influence functions of a trained model on its training set: per-example gradients, HVPs, inverse-HVP solves, scores."
     def __init__(self, model: nn.Module, loss_fn: Callable, train, *, weight_decay: float = 0., damping: float = 0.,
                  params=None, solver="exact", batch_size: int = 256, dtype: torch.dtype | None = None,
-                 hvp_chunk: int | None = 64, **solver_options):
+                 hvp_chunk: int | None = 64, hessian_data=None, hvp_mode: str = "auto", **solver_options):
         super().__init__(model, loss_fn, train, weight_decay=weight_decay, damping=damping, params=params,
-                         batch_size=batch_size, dtype=dtype, hvp_chunk=hvp_chunk)
+                         batch_size=batch_size, dtype=dtype, hvp_chunk=hvp_chunk, hessian_data=hessian_data,
+                         hvp_mode=hvp_mode)
         self.solver = make_solver(solver, **solver_options)
 
     def solve(self, V: Tensor) -> tuple[Tensor, SolveInfo]:
@@ -356,8 +443,15 @@ class Influence(_Curvature):
     def scores(self, test, method: str = "auto", return_info: bool = False):
         "Predicted change of each test loss when each training example is removed: (n_test, n_train) = ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j / n."
         S, info = self.solve(self.grad_matrix(test, "test"))
-        if method == "auto": method = "jvp" if S.shape[0] <= 2 else "grad"
-        if method == "grad":
+        plan = layer_plan(self) if method in ("auto", "layer") and S.shape[0] > 2 or method == "layer" else None
+        if method == "auto": method = "jvp" if S.shape[0] <= 2 else ("layer" if plan is not None else "grad")
+        if method == "layer":
+            if plan is None:
+                raise InfluenceError("method='layer' needs every parameter in an nn.Linear or nn.Conv1d/2d/3d (groups=1, "
+                                     "zero padding); use method='grad' or 'jvp'")
+            with _EvalMode(self.model):
+                blocks = [layer_scores(self, plan, S, x, y) for x, y in self.batches(self.train, "train")]
+        elif method == "grad":
             blocks = [G @ S.T for G in self.grads(self.train, "train")]
         elif method == "jvp":
             blocks = []
@@ -367,7 +461,7 @@ class Influence(_Curvature):
                     along = lambda s: jvp(lambda th: per_ex(th, x, y), (self.theta,), (s,))[1]
                     blocks.append(vmap(along)(S).T.detach())
         else:
-            raise InfluenceError(f"method must be 'auto', 'grad' or 'jvp', got {method!r}")
+            raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
         out = torch.cat(blocks).T / self.num_train()
         return (out, info) if return_info else out
 
@@ -387,10 +481,10 @@ class Influence(_Curvature):
 # %% ../nbs/00_influence.ipynb #0a05ed0b
 def influence_scores(model: nn.Module, loss_fn: Callable, train, test, *, weight_decay: float = 0., damping: float = 0.,
                      solver="exact", params=None, batch_size: int = 256, dtype=None, return_info: bool = False,
-                     **solver_options):
+                     hessian_data=None, **solver_options):
     "Predicted change of each test example's loss when each training example is removed, Tensor[n_test, n_train]."
     inf = Influence(model, loss_fn, train, weight_decay=weight_decay, damping=damping, solver=solver, params=params,
-                    batch_size=batch_size, dtype=dtype, **solver_options)
+                    batch_size=batch_size, dtype=dtype, hessian_data=hessian_data, **solver_options)
     return inf.scores(test, return_info=return_info)
 
 # %% ../nbs/00_influence.ipynb #704804d0

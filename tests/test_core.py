@@ -190,3 +190,70 @@ def test_flat_roundtrip_and_param_selection():
     with pytest.raises(ValueError, match="shuffle"):
         from torch.utils.data import DataLoader, TensorDataset
         as_loader(DataLoader(TensorDataset(torch.zeros(3, 1), torch.zeros(3)), shuffle=True))
+
+
+def small_convnet(seed=0):
+    "A tiny net with a Conv2d (stride, padding), max-pooling, a Conv1d and a Linear called twice."
+    torch.manual_seed(seed)
+    class Net(nn.Module):
+        def __init__(s):
+            super().__init__()
+            s.c2, s.l = nn.Conv2d(1, 3, 3, stride=1, padding=1), nn.Linear(12, 12)
+            s.c1, s.o = nn.Conv1d(3, 2, 3, padding=1), nn.Linear(8, 3)
+        def forward(s, x):
+            h = nn.functional.max_pool2d(torch.relu(s.c2(x)), 2).flatten(1)        # (B, 3·2·2)
+            h = torch.tanh(s.l(torch.tanh(s.l(h))))
+            return s.o(torch.tanh(s.c1(h.view(-1, 3, 4))).flatten(1))
+    return Net().double()
+
+
+@settings(max_examples=8, deadline=None)
+@given(k=st.integers(1, 5), batch=st.integers(3, 30), seed=st.integers(0, 100))
+def test_layer_scoring_equals_per_example_gradients(k, batch, seed):
+    net = small_convnet(seed)
+    g = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(30, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (30,), generator=g)
+    inf = Influence(net, nn.CrossEntropyLoss(), (X, y), weight_decay=0.1, damping=1.0, batch_size=batch)
+    Xt, yt = X[:k] + 0.1, y[:k]
+    ref = inf.scores((Xt, yt), method="grad")
+    torch.testing.assert_close(inf.scores((Xt, yt), method="layer"), ref)
+    torch.testing.assert_close(inf.scores((Xt, yt), method="auto"), ref)
+    torch.testing.assert_close(inf.scores((Xt, yt), method="jvp"), ref)
+
+
+def test_layer_scoring_refuses_parameters_outside_layers():
+    m = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+    X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    inf = Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=0.1, damping=0.1)
+    with pytest.raises(InfluenceError, match="method='layer'"):
+        inf.scores((X[:3], y[:3]), method="layer")
+    torch.testing.assert_close(inf.scores((X[:3], y[:3])), inf.scores((X[:3], y[:3]), method="grad"))   # auto falls back
+    last = Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=0.1, params=["2"])    # only the last Linear: fine
+    torch.testing.assert_close(last.scores((X[:3], y[:3]), method="layer"), last.scores((X[:3], y[:3]), method="grad"))
+
+
+def test_hvp_modes_agree_and_bad_mode_is_refused():
+    m, X, y, wd = trained_mlp()
+    V = torch.randn(20, 43, generator=torch.Generator().manual_seed(0), dtype=torch.float64)   # 43 parameters
+    out = {mode: Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=wd, dtype=torch.float64, hvp_mode=mode,
+                           batch_size=16).hvp(V) for mode in ("vmap", "loop", "auto")}
+    torch.testing.assert_close(out["vmap"], out["loop"])
+    torch.testing.assert_close(out["auto"], out["loop"])
+    with pytest.raises(ValueError, match="hvp_mode"):
+        Influence(m, nn.CrossEntropyLoss(), (X, y), hvp_mode="fast")
+
+
+def test_hessian_data_subset():
+    m, X, y, wd = trained_mlp()
+    ce = nn.CrossEntropyLoss()
+    full = Influence(m, ce, (X, y), weight_decay=wd, dtype=torch.float64)
+    same = Influence(m, ce, (X, y), weight_decay=wd, dtype=torch.float64, hessian_data=(X, y))
+    torch.testing.assert_close(full.scores((X[:3], y[:3])), same.scores((X[:3], y[:3])))
+    sub = Influence(m, ce, (X, y), weight_decay=wd, damping=0.1, dtype=torch.float64, hessian_data=(X[:20], y[:20]))
+    only = Influence(m, ce, (X[:20], y[:20]), weight_decay=wd, damping=0.1, dtype=torch.float64)
+    torch.testing.assert_close(sub.hessian(), only.hessian())        # H from the subset ...
+    s = sub.scores((X[:3], y[:3]))
+    assert s.shape == (3, 60) and sub.num_train() == 60              # ... every training point scored, 1/n with n = 60
+    G, Gt = sub.grad_matrix((X, y)), sub.grad_matrix((X[:3], y[:3]))
+    A = only.hessian() + 0.1 * torch.eye(43, dtype=torch.float64)
+    torch.testing.assert_close(s, Gt @ torch.linalg.solve(A, G.T) / 60)

@@ -7,7 +7,7 @@ from sklearn.datasets import load_iris
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from influence_nb.core import Influence, ExactSolver, HessianNotPositiveDefinite, influence_scores
-from influence_nb.ihvp import (CGSolver, LissaSolver, LissaDivergence, top_eigenvalue, bottom_eigenvalue,
+from influence_nb.ihvp import (CGSolver, BlockCGSolver, LissaSolver, LissaDivergence, top_eigenvalue, bottom_eigenvalue,
                                power_iteration, peak_memory, minibatches)
 
 torch.set_num_threads(1)
@@ -187,3 +187,39 @@ def test_bad_options():
     with pytest.raises(Exception, match="depth must be"): LissaSolver(depth=0)
     with pytest.raises(Exception, match="scale must be"): LissaSolver(scale=0.)
     with pytest.raises(Exception, match="tol must be"): CGSolver(tol=-1)
+
+
+def test_block_cg_equals_exact_with_fewer_hvps(setup):
+    _, inf, _, _, G = setup
+    Xe, _ = ExactSolver().solve(inf, G)
+    Xb, info = BlockCGSolver(tol=1e-10).solve(inf, G)
+    _, info_cg = CGSolver(tol=1e-10).solve(inf, G)
+    assert float(((Xb - Xe).norm(dim=1) / Xe.norm(dim=1)).max()) < 1e-6
+    assert info.residual < 1e-9 and info.details["converged"]
+    assert info.details["hvps"] < G.shape[0] * info_cg.iterations        # the shared Krylov space pays off
+    x1, _ = BlockCGSolver(tol=1e-10).solve(inf, G[:1])                    # one right-hand side: plain CG
+    assert float((x1[0] - Xe[0]).norm() / Xe[0].norm()) < 1e-6
+
+
+def test_block_cg_refuses_indefinite_and_bad_options(setup):
+    m, _, train, _, G = setup
+    inf0 = Influence(m, CE, train, weight_decay=0., dtype=torch.float64)
+    with pytest.raises(HessianNotPositiveDefinite, match="damping >"):
+        BlockCGSolver().solve(inf0, G)
+    for bad in (dict(tol=0), dict(max_iter=0), dict(max_iter=2.5)):
+        with pytest.raises(ValueError):
+            BlockCGSolver(**bad)
+
+
+@settings(max_examples=10, deadline=None)
+@given(p=st.integers(2, 12), k=st.integers(1, 8), lam=st.floats(0.01, 1.0), seed=st.integers(0, 1000))
+def test_block_cg_solves_random_ridge(p, k, lam, seed):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(30, p, generator=g, dtype=torch.float64); y = torch.randn(30, generator=g, dtype=torch.float64)
+    m = nn.Linear(p, 1, bias=False).double()
+    loss = lambda o, t: 0.5 * ((o.squeeze(-1) - t) ** 2).mean()
+    inf = Influence(m, loss, (X, y), weight_decay=lam)
+    V = torch.randn(k, p, generator=g, dtype=torch.float64)
+    Xb, info = BlockCGSolver(tol=1e-10).solve(inf, V)
+    A = X.T @ X / 30 + lam * torch.eye(p, dtype=torch.float64)
+    torch.testing.assert_close(Xb, torch.linalg.solve(A, V.T).T, rtol=1e-7, atol=1e-9)
