@@ -112,7 +112,7 @@ def method_fn(case, method, settings):
             s = settings["lissa"]
             model = LissaInfluence(case.model, F, regularization=reg, maxiter=s["depth"], scale=lissa_scale(case),
                                    rtol=0.0, warn_on_max_iteration=False)
-        fit_bs = {"pydvl_lissa": settings["lissa"]["batch_size"],
+        fit_bs = {"pydvl_lissa": settings.get("lissa", {}).get("batch_size", bs),
                   "pydvl_direct": settings.get("direct_batch", bs)}.get(method, bs)
         def run():
             torch.manual_seed(0)
@@ -207,10 +207,11 @@ def run_one(case, method, out, timeout):
 def table(case_name: str, dirs) -> list:
     "Print the markdown table for the runs saved in `dirs` (runs.json and scores), merged; return its rows."
     import torch
-    runs, scores, meta = {}, {}, {}
+    runs, scores, meta, headers = {}, {}, {}, []
     for d in map(Path, dirs):
         saved = json.loads((d / "runs.json").read_text())
         meta = meta or saved
+        headers.append(f"{', '.join(saved['runs'])}: {saved.get('header', '')}")
         for m, rs in saved["runs"].items():
             runs[m] = rs
             if (d / f"{m}.pt").exists() and all("error" not in x for x in rs): scores[m] = torch.load(d / f"{m}.pt")
@@ -226,8 +227,9 @@ def table(case_name: str, dirs) -> list:
                      "pearson_ref": pearson(s, scores[ref]) if ref else float("nan"),
                      "pearson_ours": pearson(s, scores[ours]) if ours in scores else float("nan"),
                      "factor": fit_factor(s, scores[ours]) if ours in scores else float("nan")})
-    print(f"\ncase {case_name}: {meta.get('describe', '')}; {meta.get('header', '')}")
-    print(f"\n| solver | method | median wall (s) | runs (s) | peer / ours time | peak memory (MB) | Pearson vs {ref} | "
+    print(f"\ncase {case_name}: {meta.get('describe', '')}")
+    for h in headers: print(f"- {h}")
+    print(f"\n| solver | method | median wall (s) | runs (s) | time / our fastest | peak memory (MB) | Pearson vs {ref} | "
           "Pearson vs ours, same solver | peer / ours scale |")
     print("|---|---|---|---|---|---|---|---|---|")
     order = {"exact": 0, "cg": 1, "lissa": 2}
