@@ -9,7 +9,7 @@ __all__ = ['SOLVERS', 'as_loader', 'select_params', 'Flat', 'InfluenceError', 'H
            'self_influence']
 
 # %% ../nbs/00_influence.ipynb #af2f566b
-import itertools, math, time, warnings
+import math, time, warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -91,8 +91,9 @@ class Flat:
         lead = first.shape[:first.dim() - len(self.shapes[0])]
         return torch.cat([d[k].reshape(*lead, -1) for k in self.names], -1)
     def unflatten(self, v: Tensor) -> dict:
-        "Split a flat (p,) vector into the dict of named tensors."
-        return {k: c.view(s) for k, c, s in zip(self.names, torch.split(v, self.sizes), self.shapes)}
+        "Split a flat (…, p) tensor into the dict of named tensors (leading batch dims kept)."
+        lead = v.shape[:-1]
+        return {k: c.reshape(*lead, *s) for k, c, s in zip(self.names, torch.split(v, self.sizes, -1), self.shapes)}
 
 # %% ../nbs/00_influence.ipynb #dcccdb52
 class InfluenceError(ValueError):
@@ -378,8 +379,7 @@ def layer_plan(eng) -> dict | None:
 def layer_scores(eng, plan: dict, S: Tensor, x: Tensor, y: Tensor) -> Tensor:
     "Per-example sᵀ∇ℓ_j (B, k) for the rows s of S, from one backward pass: Σ over layer calls of ⟨∂ℓ_j/∂z, layer(a_j; s)⟩."
     k, B = S.shape[0], x.shape[0]
-    parts = {name: S[:, off:off + size].reshape(k, *shape) for name, off, size, shape in
-             zip(eng.flat.names, itertools.accumulate([0] + eng.flat.sizes[:-1]), eng.flat.sizes, eng.flat.shapes)}
+    parts = eng.flat.unflatten(S)                # name -> (k, *shape)
     calls = []                                   # (module, input a, output z) for every call of a planned layer
     hooks = [m.register_forward_hook(lambda m, inp, out: calls.append((m, inp[0], out))) for m in plan]
     try:
@@ -444,7 +444,7 @@ class Influence(_Curvature):
     def scores(self, test, method: str = "auto", return_info: bool = False):
         "Predicted change of each test loss when each training example is removed: (n_test, n_train) = ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j / n."
         S, info = self.solve(self.grad_matrix(test, "test"))
-        plan = layer_plan(self) if method in ("auto", "layer") and S.shape[0] > 2 or method == "layer" else None
+        plan = layer_plan(self) if method in ("auto", "layer") else None
         if method == "auto": method = "jvp" if S.shape[0] <= 2 else ("layer" if plan is not None else "grad")
         if method == "layer":
             if plan is None:

@@ -80,9 +80,10 @@ class CGSolver(IHVPSolver):
     "Conjugate gradient on (H + δI) x = v: one independent CG per right-hand side, all advanced together by full-data HVPs."
     name = "cg"
     def __init__(self, tol: float = 1e-8, max_iter: int = 1000, warn: bool = True):
-        if not (isinstance(tol, (int, float)) and tol > 0): raise InfluenceError(f"cg: tol must be a number > 0, got {tol!r}")
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise InfluenceError(f"{self.name}: tol must be a number > 0, got {tol!r}")
         if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise InfluenceError(f"cg: max_iter must be an int >= 1, got {max_iter!r}")
+            raise InfluenceError(f"{self.name}: max_iter must be an int >= 1, got {max_iter!r}")
         self.tol, self.max_iter, self.warn = tol, max_iter, warn
 
     def solve(self, inf, V):
@@ -114,15 +115,19 @@ class CGSolver(IHVPSolver):
             it += 1
             hist.append(rs.sqrt() / vnorm)
             active = active & (hist[-1] > self.tol)
-        res = relative_residual(_damped_hvp(inf, X), X, V)      # the true residual: one more pass
-        if not math.isfinite(res): raise NonFiniteError("cg: the solution is not finite")
-        converged = not bool(active.any())
+        return self._finish(inf, X, V, it, hist)
+
+    def _finish(self, inf, X, V, it, hist, **details):
+        "The true residual (one more pass), a warning if some column did not converge, and the SolveInfo."
+        res = relative_residual(_damped_hvp(inf, X), X, V)
+        if not math.isfinite(res): raise NonFiniteError(f"{self.name}: the solution is not finite")
+        converged = not bool((hist[-1] > self.tol).any())
         if not converged and self.warn:
-            warnings.warn(f"cg: not converged after max_iter={self.max_iter} iterations: relative residual {res:.2e} > "
-                          f"tol={self.tol:g}; raise max_iter or the damping (δ={inf.damping:g})")
-        return X, SolveInfo("cg", inf.damping, inf.weight_decay, res, it,
+            warnings.warn(f"{self.name}: not converged after max_iter={self.max_iter} iterations: relative residual "
+                          f"{res:.2e} > tol={self.tol:g}; raise max_iter or the damping (δ={inf.damping:g})")
+        return X, SolveInfo(self.name, inf.damping, inf.weight_decay, res, it,
                             details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol,
-                                     "max_iter": self.max_iter, "converged": converged})
+                                     "max_iter": self.max_iter, "converged": converged, **details})
 
 # %% ../nbs/03_ihvp.ipynb #f69e6611
 def _orth_rows(M: Tensor, rank_tol: float) -> Tensor:
@@ -133,14 +138,12 @@ def _orth_rows(M: Tensor, rank_tol: float) -> Tensor:
 
 
 @register_solver
-class BlockCGSolver(IHVPSolver):
+class BlockCGSolver(CGSolver):
     "Block conjugate gradient on (H + δI) X = V: all right-hand sides share one growing Krylov space (breakdown-free)."
     name = "block_cg"
     def __init__(self, tol: float = 1e-8, max_iter: int = 1000, warn: bool = True, rank_tol: float | None = None):
-        if not (isinstance(tol, (int, float)) and tol > 0): raise InfluenceError(f"block_cg: tol must be a number > 0, got {tol!r}")
-        if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise InfluenceError(f"block_cg: max_iter must be an int >= 1, got {max_iter!r}")
-        self.tol, self.max_iter, self.warn, self.rank_tol = tol, max_iter, warn, rank_tol
+        super().__init__(tol, max_iter, warn)
+        self.rank_tol = rank_tol
 
     def solve(self, inf, V):
         V = V.to(inf.dtype)
@@ -171,15 +174,7 @@ class BlockCGSolver(IHVPSolver):
             if not bool(active.any()): break
             beta = -torch.cholesky_solve(Q @ R.T, L)             # keeps the new directions (H+δI)-conjugate to P
             P = _orth_rows((R + beta.T @ P)[active], rank_tol)   # only unconverged columns add directions
-        res = relative_residual(_damped_hvp(inf, X), X, V)
-        if not math.isfinite(res): raise NonFiniteError("block_cg: the solution is not finite")
-        converged = not bool((hist[-1] > self.tol).any())
-        if not converged and self.warn:
-            warnings.warn(f"block_cg: not converged after {it} iterations: relative residual {res:.2e} > tol={self.tol:g}; "
-                          f"raise max_iter or the damping (δ={inf.damping:g})")
-        return X, SolveInfo("block_cg", inf.damping, inf.weight_decay, res, it,
-                            details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol, "hvps": hvps,
-                                     "max_iter": self.max_iter, "converged": converged})
+        return self._finish(inf, X, V, it, hist, hvps=hvps)
 
 # %% ../nbs/03_ihvp.ipynb #1f3ba0c8
 def _cast(inf, t: Tensor) -> Tensor:
