@@ -7,7 +7,8 @@ For each model and one batch, k vectors (64 for the MLP, 8 for the convolutional
 - fwd-over-rev, loop:  the same, one vector at a time;
 - rev-over-rev, loop:  vjp(grad(f), θ) once per batch (forward and first backward kept), then its pull-back per vector;
 - rev-over-rev, vmap:  that pull-back vmapped over the vectors;
-- 'auto':              the engine's `Influence.hvp` with hvp_mode='auto' (times loop vs vmap once and keeps the faster).
+- 'auto':              the engine's `Influence.hvp` with hvp_mode='auto' (times loop and vmap on its first calls for
+                       this batch size and keeps the faster).
 and one plain forward+backward of the batch for scale. Medians over repeats, interleaved.
 """
 import argparse, statistics, sys, time
@@ -49,7 +50,7 @@ def main():
         def rr_vmap():
             _, pull = vjp(g, inf.theta); return vmap(lambda v: pull(v)[0])(V)
         engine = Influence(model, F, (X, y), batch_size=len(y))
-        engine.hvp(V)                                   # picks its mode once; timed below in steady state
+        for _ in range(6): engine.hvp(V)                # 'auto' tries each way three times, then keeps the faster
         def auto():
             return engine.hvp(V)
         def fb():
@@ -64,9 +65,8 @@ def main():
             for nm, f in jobs.items():
                 t0 = time.perf_counter(); f(); times[nm].append(time.perf_counter() - t0)
         ms = {nm: statistics.median(v) * 1e3 / (1 if nm == "fb" else k) for nm, v in times.items()}
-        picked = engine
         print(f"| {name} | {ms['fr_vmap']:.3g} | {ms['fr_loop']:.3g} | {ms['rr_loop']:.3g} | {ms['rr_vmap']:.3g} | "
-              f"{ms['auto']:.3g} ({picked.cache.get('hvp_mode')}) | {ms['fb']:.3g} | {ms['fr_vmap'] / ms['auto']:.1f}x |",
+              f"{ms['auto']:.3g} ({engine.hvp_modes.get(len(y))}) | {ms['fb']:.3g} | {ms['fr_vmap'] / ms['auto']:.1f}x |",
               flush=True)
     print("\nms per vector (forward+backward: ms per batch); medians of", args.repeats, "repeats,", args.threads, "thread(s)")
 

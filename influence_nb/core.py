@@ -236,18 +236,28 @@ class _Curvature(_Engine):
         one = lambda v: pull(v)[0]
         run = {"vmap": lambda W: vmap(one, chunk_size=self.hvp_chunk)(W),
                "loop": lambda W: torch.stack([one(v) for v in W])}
-        mode = self.hvp_mode if self.hvp_mode != "auto" else self.cache.get("hvp_mode")
-        if mode is None and len(V) >= 5:      # pick the faster way once, timed per vector on this batch's rows
-            head = [run["vmap"](V[:1])]                     # warm-up of both ways (first calls pay set-up costs) ...
-            t0 = time.perf_counter(); head.append(run["loop"](V[1:2])); t1 = time.perf_counter()
-            m = min(len(V) - 3, 4 if t1 - t0 > 2e-3 else 16)  # vmap's fixed cost spreads over its vectors: time several
-            t1 = time.perf_counter(); head.append(run["loop"](V[2:3])); t2 = time.perf_counter()
-            head.append(run["vmap"](V[3:3 + m])); t3 = time.perf_counter()
-            # ... then loop vs vmap per vector; vmap holds every vector's intermediates at once: take it when clearly faster
-            self.cache["hvp_mode"] = "vmap" if (t3 - t2) / m < 0.8 * (t2 - t1) else "loop"
-            if len(V) > 3 + m: head.append(run[self.cache["hvp_mode"]](V[3 + m:]))
-            return torch.cat(head).detach()
-        return run[mode or "loop"](V).detach()
+        if self.hvp_mode != "auto": return run[self.hvp_mode](V).detach()
+        if len(V) == 1: return run["loop"](V).detach()
+        # 'auto': which way is faster depends on the batch size (small batches favour vmap), so it is chosen per size
+        key = ("hvp_mode", x.shape[0])
+        if isinstance(self.cache.get(key), str): return run[self.cache[key]](V).detach()
+        trials = self.cache.setdefault(key, {"vmap": [], "loop": []})
+        size, out = (len(V) if len(V) < 32 else 16), []      # until chosen: rows in pieces, the two ways in turn
+        for i in range(0, len(V), size):
+            mode = self.cache[key] if isinstance(self.cache[key], str) else min(trials, key=lambda m: len(trials[m]))
+            t0 = time.perf_counter(); out.append(run[mode](V[i:i + size]))
+            if isinstance(self.cache[key], dict):
+                trials[mode].append((time.perf_counter() - t0) / len(out[-1]))      # seconds per vector
+                if min(map(len, trials.values())) >= 3:       # the first of each way is warm-up; then the best time
+                    best = {m: min(t[1:]) for m, t in trials.items()}
+                    # vmap holds every vector's intermediates at once: take it when clearly faster
+                    self.cache[key] = "vmap" if best["vmap"] < 0.9 * best["loop"] else "loop"
+        return torch.cat(out).detach()
+
+    @property
+    def hvp_modes(self) -> dict:
+        "The way 'auto' chose for several HVPs on one batch, per batch size: {batch size: 'vmap' or 'loop'}."
+        return {k[1]: v for k, v in self.cache.items() if isinstance(k, tuple) and k[0] == "hvp_mode" and isinstance(v, str)}
 
     def hvp(self, V: Tensor) -> Tensor:
         "Hessian-vector products H v of the training objective (weight decay included) for v in V (p,) or (k, p)."

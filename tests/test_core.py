@@ -243,6 +243,23 @@ def test_hvp_modes_agree_and_bad_mode_is_refused():
         Influence(m, nn.CrossEntropyLoss(), (X, y), hvp_mode="fast")
 
 
+def test_auto_hvp_mode_is_chosen_per_batch_size():
+    m, X, y, wd = trained_mlp()                                   # 60 points: batches of 16, 16, 16 and 12
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(5, 43, generator=g, dtype=torch.float64)
+    make = lambda **kw: Influence(m, nn.CrossEntropyLoss(), (X, y), weight_decay=wd, dtype=torch.float64, **kw)
+    ref, inf = make(batch_size=16, hvp_mode="loop").hvp(V), make(batch_size=16)
+    for _ in range(6):                                            # three timed calls each way, per batch size
+        torch.testing.assert_close(inf.hvp(V), ref)
+    assert inf.hvp_modes.keys() == {16, 12} and set(inf.hvp_modes.values()) <= {"vmap", "loop"}
+    one = make(batch_size=60)
+    torch.testing.assert_close(one.hvp(V[:1]), ref[:1])           # one vector: nothing to choose
+    assert one.hvp_modes == {}
+    W = torch.randn(100, 43, generator=g, dtype=torch.float64)     # many rows: timed in pieces within one call
+    torch.testing.assert_close(one.hvp(W), make(batch_size=60, hvp_mode="vmap").hvp(W))
+    assert list(one.hvp_modes) == [60]
+
+
 def test_hessian_data_subset():
     m, X, y, wd = trained_mlp()
     ce = nn.CrossEntropyLoss()
