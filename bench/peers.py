@@ -10,6 +10,11 @@ library warms a cache for another; repeats are interleaved (all methods once, th
 trained model and the tensors in memory to the (n_test, n_train) score matrix (fitting the Hessian or operator,
 the inverse-HVP solves, the pass over the training set). Not timed: importing, loading data, building the model.
 Peak memory: resident memory sampled every 2 ms during the timed call, minus the resident memory just before it.
+Where the time went: `solve` is the inverse-HVP solve (ours: Influence.solve, with its residual check; pyDVL: fit +
+influence factors; captum does all in one call and shows none), `rest` the wall time besides it (mostly the scoring
+pass over the training set). `HVPs` counts Hessian-vector products in full-data equivalents (vectors × examples of
+each batch HVP, over the size of the Hessian's data), and the last column divides the solve time by them: the cost of
+one HVP over 1,000 examples, which shows how much of a difference is the engine and how much the algorithm.
 
 Conventions, aligned to ours (predicted change of the test loss when a training point is removed,
 (1/n) ∇ℓ_tᵀ (H + δI)⁻¹ ∇ℓ_j with λ inside H):
@@ -50,6 +55,33 @@ SOLVER_OF = {"ours_exact": "exact", "pydvl_direct": "exact", "captum_naive": "ex
 
 
 # ---------------------------------------------------------------- worker side (one method, one process)
+# what the timed call spent where: the inverse-HVP solve (for pyDVL: fit + influence factors; absent for captum, whose
+# one call does everything) and the Hessian-vector products it ran, counted as vectors × examples of the batch
+COUNT = {"solve": None, "hvp_vec_examples": 0}
+
+
+def count_hvps():
+    "Wrap our and pyDVL's batch HVP entry points so every call adds (number of vectors) × (batch size) to COUNT."
+    from influence_nb.core import _Curvature
+    ours = _Curvature._loss_hvp
+    def counted(self, V, x, y):
+        COUNT["hvp_vec_examples"] += V.shape[0] * x.shape[0]
+        return ours(self, V, x, y)
+    _Curvature._loss_hvp = counted
+    try:
+        from pydvl.influence.torch.batch_operation import HessianBatchOperation
+    except ImportError:
+        return
+    theirs = HessianBatchOperation.apply
+    def counted_apply(self, batch, tensor):
+        COUNT["hvp_vec_examples"] += (tensor.shape[0] if tensor.ndim == 2 else 1) * batch.x.shape[0]
+        return theirs(self, batch, tensor)
+    HessianBatchOperation.apply = counted_apply
+
+
+def _add_solve(t0):
+    COUNT["solve"] = (COUNT["solve"] or 0.) + time.perf_counter() - t0
+
 def _loader(X, y, batch_size, shuffle=False):
     from torch.utils.data import DataLoader, TensorDataset
     return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=shuffle)
@@ -90,6 +122,10 @@ def method_fn(case, method, settings):
         def run():
             inf = Influence(case.model, F, (case.X_train, case.y_train), weight_decay=lam, damping=delta, solver=solver,
                             batch_size=bs, hessian_data=hd)
+            solve = inf.solve
+            def timed_solve(V):
+                t0 = time.perf_counter(); out = solve(V); _add_solve(t0); return out
+            inf.solve = timed_solve
             return inf.scores(test)
         return run
     if method.startswith("pydvl"):
@@ -116,8 +152,10 @@ def method_fn(case, method, settings):
                   "pydvl_direct": settings.get("direct_batch", bs)}.get(method, bs)
         def run():
             torch.manual_seed(0)
+            t0 = time.perf_counter()
             m = model.fit(_loader(hX, hy, fit_bs))
             factors = m.influence_factors(*test)
+            _add_solve(t0)
             blocks = [m.influences_from_factors(factors, xb, yb) for xb, yb in _loader(case.X_train, case.y_train, bs)]
             return torch.cat(blocks, dim=1) / n
         return run
@@ -154,7 +192,9 @@ def worker(args):
     case = load_case(args.case)
     case.model.requires_grad_(True)
     fn = method_fn(case, args.method, SETTINGS[args.case])
+    count_hvps()
     def timed():
+        COUNT.update(solve=None, hvp_vec_examples=0)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         return out, time.perf_counter() - t0, time.process_time() - c0
@@ -164,7 +204,7 @@ def worker(args):
     for i in range(CALLS[args.case]):
         if i == CALLS[args.case] - 1: (scores, wall, cpu), peak = peak_memory(timed)
         else: scores, wall, cpu = timed()
-        calls.append({"wall": wall, "cpu": cpu})
+        calls.append({"wall": wall, "cpu": cpu, "solve": COUNT["solve"], "hvp_vec_examples": COUNT["hvp_vec_examples"]})
     warm = (calls[1:-1] or calls[1:]) if len(calls) > 1 else calls
     scores = scores.detach().double().cpu()
     torch.save(scores, args.out)
@@ -172,7 +212,9 @@ def worker(args):
         {"method": args.method, "wall": statistics.median(c["wall"] for c in warm),
          "cpu": statistics.median(c["cpu"] for c in warm), "peak_bytes": peak,
          "cold_wall": calls[0]["wall"], "calls": calls, "shape": list(scores.shape),
-         "finite": bool(torch.isfinite(scores).all())}))
+         "finite": bool(torch.isfinite(scores).all()), "n_hessian": len(case.hessian_data()[1]),
+         "solve": None if warm[0]["solve"] is None else statistics.median(c["solve"] for c in warm),
+         "hvp_vec_examples": statistics.median(c["hvp_vec_examples"] for c in warm)}))
 
 
 # ---------------------------------------------------------------- orchestrator
@@ -195,13 +237,25 @@ def fmt_s(x: float) -> str:
     return f"{x:.3g}"
 
 
-def run_one(case, method, out, timeout):
+def run_one(case, method, out, timeout, mmap_threshold=None):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--case", case, "--method", method, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if mmap_threshold:      # glibc: a fixed threshold turns off its dynamic one, so large freed blocks go back to the OS
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         return {"method": method, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(Path(out).with_suffix(".json").read_text())
+
+
+def phases(ok) -> dict:
+    "Median solve time, the rest of the wall time, and the HVPs run (full-data equivalents; per 1,000 examples' cost)."
+    if any(x.get("solve") is None for x in ok): return {}
+    solve = statistics.median(x["solve"] for x in ok)
+    vex = statistics.median(x.get("hvp_vec_examples", 0) for x in ok)
+    out = {"solve": solve, "rest": statistics.median(x["wall"] - x["solve"] for x in ok)}
+    if vex: out.update(hvps=vex / ok[0]["n_hessian"], ms_per_hvp_k=solve * 1e3 / (vex / 1e3))
+    return out
 
 
 def table(case_name: str, dirs) -> list:
@@ -226,22 +280,24 @@ def table(case_name: str, dirs) -> list:
                      "peak_mb": statistics.median(x["peak_bytes"] for x in ok) / 2**20,
                      "pearson_ref": pearson(s, scores[ref]) if ref else float("nan"),
                      "pearson_ours": pearson(s, scores[ours]) if ours in scores else float("nan"),
-                     "factor": fit_factor(s, scores[ours]) if ours in scores else float("nan")})
+                     "factor": fit_factor(s, scores[ours]) if ours in scores else float("nan"),
+                     **phases(ok)})
     print(f"\ncase {case_name}: {meta.get('describe', '')}")
     for h in headers: print(f"- {h}")
     print(f"\n| solver | method | median wall (s) | runs (s) | time / our fastest | peak memory (MB) | Pearson vs {ref} | "
-          "Pearson vs ours, same solver | peer / ours scale |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "Pearson vs ours, same solver | peer / ours scale | solve (s) | rest (s) | HVPs | ms per HVP per 1k examples |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"exact": 0, "cg": 1, "lissa": 2}
     for r in sorted(rows, key=lambda r: (order.get(SOLVER_OF.get(r["method"]), 9), not r["method"].startswith("ours"))):
         if "error" in r:
-            print(f"| {SOLVER_OF.get(r['method'], '?')} | {r['method']} | failed: {r['error'][:90]} | | | | | | |")
+            print(f"| {SOLVER_OF.get(r['method'], '?')} | {r['method']} | failed: {r['error'][:90]} | | | | | | | | | | |")
             continue
         mine = [x for x in rows if x["method"].startswith("ours") and x.get("solver") == r["solver"] and "error" not in x]
         ours = min(mine, key=lambda x: x["wall"]) if mine else None          # our fastest for this solver
         ratio = f"{r['wall'] / ours['wall']:.2f}x" if ours and r is not ours else ""
         print(f"| {r['solver']} | {r['method']} | {fmt_s(r['wall'])} | {', '.join(fmt_s(w) for w in r['walls'])} | "
-              f"{ratio} | {r['peak_mb']:.1f} | {r['pearson_ref']:.4f} | {r['pearson_ours']:.4f} | {r['factor']:.4g} |")
+              f"{ratio} | {r['peak_mb']:.1f} | {r['pearson_ref']:.4f} | {r['pearson_ours']:.4f} | {r['factor']:.4g} | "
+              + " | ".join(fmt_s(r[k]) if k in r else "" for k in ("solve", "rest", "hvps", "ms_per_hvp_k")) + " |")
     return rows
 
 
@@ -251,6 +307,9 @@ def main():
     ap.add_argument("--methods", default=None, help="comma-separated subset of the case's methods")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run before it counts as failed")
+    ap.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                    help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 131072): peak memory without "
+                         "the heap growth that glibc's dynamic threshold allows")
     ap.add_argument("--out", default=None, help="folder for scores and timings (default runs/bench/<case>)")
     ap.add_argument("--table", nargs="+", metavar="DIR", help="only print the table of earlier runs saved in DIR(s), merged")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -265,13 +324,14 @@ def main():
     out = Path(args.out or ROOT / args.case); out.mkdir(parents=True, exist_ok=True)
     case = load_case(args.case)                      # trains and caches the model once, before any timing
     header = (f"n = {case.n}, p = {case.p}, λ = {case.weight_decay:g}, δ = {case.damping:g}, batch {case.batch_size}; "
+              + (f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}; " if args.malloc_mmap_threshold else "") +
               f"settings {SETTINGS[args.case]}; {args.repeats} repeat(s), {CALLS[args.case]} call(s) per process, "
               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"case {args.case}: {case.describe}; {header}", flush=True)
     runs = {m: [] for m in methods}
     for r in range(args.repeats):
         for m in methods:
-            res = run_one(args.case, m, out / f"{m}.pt", args.timeout)
+            res = run_one(args.case, m, out / f"{m}.pt", args.timeout, args.malloc_mmap_threshold)
             runs[m].append(res)
             print(f"  repeat {r + 1}: {m:15s} " + (f"{res['wall']:9.2f} s  peak {res['peak_bytes'] / 2**20:8.1f} MB"
                                                    if "error" not in res else f"FAILED: {res['error']}"), flush=True)

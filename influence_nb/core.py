@@ -242,12 +242,19 @@ class _Curvature(_Engine):
         key = ("hvp_mode", x.shape[0])
         if isinstance(self.cache.get(key), str): return run[self.cache[key]](V).detach()
         trials = self.cache.setdefault(key, {"vmap": [], "loop": []})
-        size, out = (len(V) if len(V) < 32 else 16), []      # until chosen: rows in pieces, the two ways in turn
-        for i in range(0, len(V), size):
-            mode = self.cache[key] if isinstance(self.cache[key], str) else min(trials, key=lambda m: len(trials[m]))
-            t0 = time.perf_counter(); out.append(run[mode](V[i:i + size]))
+        # until chosen: single rows looped (a loop costs the same per row however many), then the rest vmapped in
+        # pieces (vmap's fixed cost spreads over its rows), each piece timed per row
+        n_loop = min(3 - len(trials["loop"]), len(V) - 1) if len(trials["loop"]) < 3 else 0
+        rest = len(V) - max(n_loop, 0)
+        size = rest if rest < 32 else 16
+        pieces = [("loop", i, i + 1) for i in range(max(n_loop, 0))]
+        pieces += [("vmap", i, min(i + size, len(V))) for i in range(len(V) - rest, len(V), size)]
+        out = []
+        for mode, a, b in pieces:
+            if isinstance(self.cache[key], str): mode = self.cache[key]
+            t0 = time.perf_counter(); out.append(run[mode](V[a:b]))
             if isinstance(self.cache[key], dict):
-                trials[mode].append((time.perf_counter() - t0) / len(out[-1]))      # seconds per vector
+                trials[mode].append((time.perf_counter() - t0) / (b - a))      # seconds per row
                 if min(map(len, trials.values())) >= 3:       # the first of each way is warm-up; then the best time
                     best = {m: min(t[1:]) for m, t in trials.items()}
                     # vmap holds every vector's intermediates at once: take it when clearly faster
