@@ -2,7 +2,7 @@
 
     python bench/bench_hvp.py                 # iris MLP, small MNIST CNN, LeNet-5; 1 torch thread, 5 repeats
 
-For each model and one batch, k vectors (64 for the MLP, 8 for the convolutional nets), milliseconds per vector:
+For each model and one batch, k vectors (64 for the MLP, 8 or 10 for the convolutional nets), milliseconds per vector:
 - fwd-over-rev, vmap:  vmap over v of jvp(grad(f), θ, v), the engine's HVP before this benchmark;
 - fwd-over-rev, loop:  the same, one vector at a time;
 - rev-over-rev, loop:  vjp(grad(f), θ) once per batch (forward and first backward kept), then its pull-back per vector;
@@ -28,6 +28,8 @@ def models():
     g = torch.Generator().manual_seed(0)
     yield ("LeNet-5 (61,706 params, batch 500)", lenet(), torch.randn(500, 1, 28, 28, generator=g),
            torch.randint(0, 10, (500,), generator=g), 8)
+    yield ("LeNet-5 (61,706 params, batch 100, 10 vectors: LiSSA's step)", lenet(),
+           torch.randn(100, 1, 28, 28, generator=g), torch.randint(0, 10, (100,), generator=g), 10)
 
 
 def main():

@@ -10,6 +10,7 @@ library warms a cache for another; repeats are interleaved (all methods once, th
 trained model and the tensors in memory to the (n_test, n_train) score matrix (fitting the Hessian or operator,
 the inverse-HVP solves, the pass over the training set). Not timed: importing, loading data, building the model.
 Peak memory: resident memory sampled every 2 ms during the timed call, minus the resident memory just before it.
+Before timing, each process runs a toy vmap/grad/jvp/vjp once, so torch.func's lazy imports (about 1 s) are paid untimed.
 Where the time went: `solve` is the inverse-HVP solve (ours: Influence.solve, with its residual check; pyDVL: fit +
 influence factors; captum does all in one call and shows none), `rest` the wall time besides it (mostly the scoring
 pass over the training set). `HVPs` counts Hessian-vector products in full-data equivalents (vectors × examples of
@@ -184,9 +185,20 @@ def method_fn(case, method, settings):
     raise ValueError(f"unknown method {method!r}")
 
 
+def warm_torch_func():
+    "Pay torch.func's one-time lazy imports (about 1 s on first use of vmap/grad, the same for every library) untimed."
+    import torch
+    from torch.func import grad, jvp, vjp, vmap
+    f = lambda w, x: torch.tanh(x @ w).sum()
+    w, X = torch.randn(3), torch.randn(4, 3)
+    vmap(grad(f), in_dims=(None, 0))(w, X)
+    jvp(lambda w: f(w, X), (w,), (w,)); vjp(grad(lambda w: f(w, X)), w)[1](w)
+
+
 def worker(args):
     import torch
     torch.set_num_threads(1)
+    warm_torch_func()
     from cases import load_case
     from influence_nb.ihvp import peak_memory
     case = load_case(args.case)

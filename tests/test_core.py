@@ -260,6 +260,18 @@ def test_auto_hvp_mode_is_chosen_per_batch_size():
     assert list(one.hvp_modes) == [60]
 
 
+def test_scores_rows_follow_the_loader_not_the_dataset_length():
+    m, X, y, wd = trained_mlp()
+    from torch.utils.data import DataLoader, TensorDataset
+    extra = DataLoader(TensorDataset(X, y), batch_size=16, sampler=list(range(len(y))) + [0, 1])   # yields n + 2
+    same = (torch.cat([X, X[:2]]), torch.cat([y, y[:2]]))                                          # the same n + 2
+    make = lambda train: Influence(m, nn.CrossEntropyLoss(), train, weight_decay=wd, dtype=torch.float64, batch_size=16)
+    for method in ("layer", "grad", "jvp"):
+        S = make(extra).scores((X[:3], y[:3]), method=method)
+        assert S.shape == (3, len(y) + 2)
+        torch.testing.assert_close(S, make(same).scores((X[:3], y[:3]), method=method))
+
+
 def test_hessian_data_subset():
     m, X, y, wd = trained_mlp()
     ce = nn.CrossEntropyLoss()
