@@ -274,11 +274,14 @@ def table(case_name: str, dirs) -> list:
     "Print the markdown table for the runs saved in `dirs` (runs.json and scores), merged; return its rows."
     import torch
     runs, scores, meta, headers = {}, {}, {}, []
-    for d in map(Path, dirs):
-        saved = json.loads((d / "runs.json").read_text())
+    saved_all = [(Path(d), json.loads((Path(d) / "runs.json").read_text())) for d in dirs]
+    for i, (d, saved) in enumerate(saved_all):
         meta = meta or saved
-        headers.append(f"{', '.join(saved['runs'])}: {saved.get('header', '')}")
-        for m, rs in saved["runs"].items():
+        later = {m for _, s in saved_all[i + 1:] for m in s["runs"]}      # a later folder's runs replace these
+        kept = [m for m in saved["runs"] if m not in later]
+        if kept: headers.append(f"{', '.join(kept)}: {saved.get('header', '')}")
+        for m in kept:
+            rs = saved["runs"][m]
             runs[m] = rs
             if (d / f"{m}.pt").exists() and all("error" not in x for x in rs): scores[m] = torch.load(d / f"{m}.pt")
     ref = "ours_exact" if "ours_exact" in scores else ("ours_cg" if "ours_cg" in scores else None)
