@@ -144,7 +144,7 @@ class _Engine:
         self.model, self.loss_fn, self.batch_size, self.hvp_chunk = model, loss_fn, batch_size, hvp_chunk
         if hvp_mode not in ("auto", "vmap", "loop"):
             raise ValueError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {hvp_mode!r}")
-        self.hvp_mode = hvp_mode   # several HVPs on one batch: vmapped, or looped over the batch's graph ('auto': timed once)
+        self.hvp_mode = hvp_mode   # several HVPs on one batch: vmapped, or looped over the batch's graph ('auto': timed per batch size)
         self.weight_decay, self.damping = float(weight_decay), float(damping)
         self.train = as_loader(train, batch_size, "train")
         # the data H is taken over: the training set, or a subset of it (hessian_data) when a full pass is too dear
@@ -244,10 +244,10 @@ class _Curvature(_Engine):
         trials = self.cache.setdefault(key, {"vmap": [], "loop": []})
         # until chosen: single rows looped (a loop costs the same per row however many), then the rest vmapped in
         # pieces (vmap's fixed cost spreads over its rows), each piece timed per row
-        n_loop = min(3 - len(trials["loop"]), len(V) - 1) if len(trials["loop"]) < 3 else 0
-        rest = len(V) - max(n_loop, 0)
+        n_loop = max(0, min(3 - len(trials["loop"]), len(V) - 1))
+        rest = len(V) - n_loop
         size = rest if rest < 32 else 16
-        pieces = [("loop", i, i + 1) for i in range(max(n_loop, 0))]
+        pieces = [("loop", i, i + 1) for i in range(n_loop)]
         pieces += [("vmap", i, min(i + size, len(V))) for i in range(len(V) - rest, len(V), size)]
         out = []
         for mode, a, b in pieces:
