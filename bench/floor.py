@@ -5,11 +5,14 @@
 
 Scoring is the last step of every influence computation: with the solved vectors s_t = (H + δI)⁻¹∇ℓ_t in hand, one pass
 over the training set gives s_tᵀ∇ℓ_j for every training point j. Timed here, with an identity "solver" so that only the
-pass is measured, for 1 and for 10 test points and both of our scoring methods:
-- 'grad': per-example gradients (vmap of grad) of each batch, multiplied by the k solved vectors;
-- 'jvp':  forward-mode directional derivatives of the per-example losses along each solved vector (no per-example
-          gradients), k of them per batch;
-- 'auto': what `Influence.scores` picks ('jvp' for at most 2 test points, 'grad' otherwise).
+pass is measured, for 1 and for 10 test points and each of our scoring methods:
+- 'grad':  per-example gradients (vmap of grad) of each batch, multiplied by the k solved vectors;
+- 'jvp':   forward-mode directional derivatives of the per-example losses along each solved vector (no per-example
+           gradients), k of them per batch;
+- 'layer': one backward pass for ∂ℓ_j/∂z at every layer output, then per-example kernel gradients of each Linear or
+           convolution by one batched product with its (unfolded) input, and one product with the k solved vectors;
+- 'auto':  what `Influence.scores` picks ('jvp' for at most 2 test points, else 'layer' when every parameter sits in a
+           Linear or convolution, else 'grad').
 The floor is one epoch of `loss.backward()` over the same batches (no optimiser step), the cheapest pass that touches
 every training gradient. One torch thread; repeats interleaved; medians printed.
 """
@@ -55,8 +58,7 @@ def main():
     for k in (1, 10):
         for method in ("grad", "jvp", "layer", "auto"):
             jobs[f"scoring, {k:2d} test point{'s' if k > 1 else ' '}, {method}"] = scoring(k, method)
-    for f in jobs.values():          # warm-up (lazy set-up), untimed
-        if f is epoch: f()
+    epoch()                          # warm-up (lazy set-up), untimed
     times = {name: [] for name in jobs}
     for r in range(args.repeats):
         for name, f in jobs.items():

@@ -266,13 +266,17 @@ class _Curvature(_Engine):
         "The way 'auto' chose for several HVPs on one batch, per batch size: {batch size: 'vmap' or 'loop'}."
         return {k[1]: v for k, v in self.cache.items() if isinstance(k, tuple) and k[0] == "hvp_mode" and isinstance(v, str)}
 
+    def curv_batches(self):
+        "Batches of the data H is taken over: the training set, or `hessian_data` when given."
+        return self.batches(self.curv, "train" if self.curv is self.train else "hessian_data")
+
     def hvp(self, V: Tensor) -> Tensor:
         "Hessian-vector products H v of the training objective (weight decay included) for v in V (p,) or (k, p)."
         single = V.dim() == 1
         V = (V[None] if single else V).to(self.dtype)
         out, n = torch.zeros_like(V), 0
         with _EvalMode(self.model):
-            for x, y in self.batches(self.curv, "train" if self.curv is self.train else "hessian_data"):
+            for x, y in self.curv_batches():
                 out += x.shape[0] * self._loss_hvp(V, x, y)
                 n += x.shape[0]
         if self.curv is self.train: self.n = n

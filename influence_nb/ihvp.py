@@ -189,7 +189,7 @@ def minibatches(inf, batch_size: int, generator: torch.Generator):
         raise InfluenceError("lissa needs a map-style training set (indexable, with a length) to draw random minibatches")
     n = len(ds)
     if batch_size >= n:                                 # the whole training set every step: deterministic
-        xs, ys = zip(*inf.batches(inf.curv, "train"))
+        xs, ys = zip(*inf.curv_batches())
         x, y = torch.cat(xs), torch.cat(ys)
         while True: yield x, y
     if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
