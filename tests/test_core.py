@@ -256,8 +256,21 @@ def test_auto_hvp_mode_is_chosen_per_batch_size():
     torch.testing.assert_close(one.hvp(V[:1]), ref[:1])           # one vector: nothing to choose
     assert one.hvp_modes == {}
     W = torch.randn(100, 43, generator=g, dtype=torch.float64)     # many rows: timed in pieces within one call
-    torch.testing.assert_close(one.hvp(W), make(batch_size=60, hvp_mode="vmap").hvp(W))
-    assert list(one.hvp_modes) == [60]
+    many = make(batch_size=60, hvp_chunk=16)
+    torch.testing.assert_close(many.hvp(W), make(batch_size=60, hvp_mode="vmap").hvp(W))
+    assert list(many.hvp_modes) == [60] and many._piece_rows(X, y) == 16   # pieces of hvp_chunk rows for a tiny model
+
+
+def test_auto_hvp_pieces_shrink_with_the_batch_activations():
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(4, 20000), nn.Tanh(), nn.Linear(20000, 3)).double()
+    X, y = torch.randn(200, 4, dtype=torch.float64), torch.randint(0, 3, (200,))
+    inf = Influence(wide, nn.CrossEntropyLoss(), (X, y), batch_size=200)
+    big, small = inf._piece_rows(X, y), inf._piece_rows(X[:8], y[:8])   # ~64 MB of saved activations per piece
+    assert big == 2 and small >= 16                                     # 200 x 20,000 float64 = 32 MB per tensor
+    V = torch.randn(5, inf.num_params, dtype=torch.float64)
+    torch.testing.assert_close(inf.hvp(V), Influence(wide, nn.CrossEntropyLoss(), (X, y), batch_size=200,
+                                                     hvp_mode="loop").hvp(V))
 
 
 def test_scores_rows_follow_the_loader_not_the_dataset_length():
