@@ -249,7 +249,7 @@ class _Curvature(_Engine):
         trials = self.cache.setdefault(key, {"vmap": [], "loop": []})
         # until chosen: single rows looped (a loop costs the same per row however many), then the rest vmapped in
         # those pieces, each piece timed per row
-        n_loop = max(0, min(3 - len(trials["loop"]), len(V) - 1))
+        n_loop = max(0, min(4 - len(trials["loop"]), len(V) - 1))
         rest = len(V) - n_loop
         pieces = [("loop", i, i + 1) for i in range(n_loop)]
         pieces += [("vmap", i, min(i + rows, len(V))) for i in range(len(V) - rest, len(V), rows)]
@@ -259,8 +259,10 @@ class _Curvature(_Engine):
             t0 = time.perf_counter(); out.append(run[mode](V[a:b]))
             if isinstance(self.cache[key], dict):
                 trials[mode].append((time.perf_counter() - t0) / (b - a))      # seconds per row
-                if min(map(len, trials.values())) >= 3:       # the first of each way is warm-up; then the best time
-                    best = {m: min(t[1:]) for m, t in trials.items()}
+                # the best of four per way: warm-up (a fresh process's first vmapped calls can take twice as long)
+                # and page faults of fresh allocations only ever make a timing slower
+                if min(map(len, trials.values())) >= 4:
+                    best = {m: min(t) for m, t in trials.items()}
                     # vmap holds several rows' intermediates at once: take it when clearly faster
                     self.cache[key] = "vmap" if best["vmap"] < 0.9 * best["loop"] else "loop"
         return torch.cat(out).detach()
