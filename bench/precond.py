@@ -143,8 +143,8 @@ def main():
         bi, bh = block_pcg(A, V, Minv, tol)
         si, sh = pcg(A, V, Minv, tol) if args.case == "cnn" or name == "none" else (None, None)
         rows.append((name, bi, bh + cost, si, None if sh is None else sh + cost))
-        print(f"  {name}: block CG {bi} iterations, {bh + cost} HVPs; CG per test point "
-              f"{si} iterations (slowest), {sh} HVPs  [{time.perf_counter() - t0:.1f} s]", flush=True)
+        print(f"  {name}: block CG {bi} iterations, {bh + cost} HVPs; CG per test point {si} iterations (slowest), "
+              f"{None if sh is None else sh + cost} HVPs  [{time.perf_counter() - t0:.1f} s]", flush=True)
     base = rows[0]
     print(f"\n| preconditioner | block CG iterations | block CG HVPs | vs none | CG iterations (slowest) | CG HVPs | vs none |")
     print("|---|---|---|---|---|---|---|")

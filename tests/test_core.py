@@ -221,6 +221,24 @@ def test_layer_scoring_equals_per_example_gradients(k, batch, seed):
     torch.testing.assert_close(inf.scores((Xt, yt), method="jvp"), ref)
 
 
+@pytest.mark.parametrize("conv, shape", [
+    (lambda: nn.Conv2d(2, 3, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2)), (2, 9, 10)),
+    (lambda: nn.Conv2d(2, 3, 3, stride=3), (2, 11, 11)),                  # the window overhangs the input
+    (lambda: nn.Conv2d(2, 3, 3, padding="same", dilation=2), (2, 7, 7)),  # string padding: the stacked-kernel way
+    (lambda: nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2), (2, 13)),
+    (lambda: nn.Conv3d(2, 2, (2, 2, 3), stride=(1, 2, 1), padding=1), (2, 4, 5, 5)),
+])
+def test_layer_scoring_convolutions_with_strides_dilations_and_padding(conv, shape):
+    torch.manual_seed(0)
+    c = conv()
+    with torch.no_grad(): n_out = c(torch.zeros(1, *shape)).numel()
+    net = nn.Sequential(c, nn.Tanh(), nn.Flatten(), nn.Linear(n_out, 3)).double()
+    X, y = torch.randn(12, *shape, dtype=torch.float64), torch.randint(0, 3, (12,))
+    inf = Influence(net, nn.CrossEntropyLoss(), (X, y), weight_decay=0.1, damping=1.0, batch_size=5)
+    Xt, yt = X[:4] + 0.1, y[:4]
+    torch.testing.assert_close(inf.scores((Xt, yt), method="layer"), inf.scores((Xt, yt), method="grad"))
+
+
 def test_layer_scoring_refuses_parameters_outside_layers():
     m = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     X, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
