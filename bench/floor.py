@@ -9,8 +9,9 @@ pass is measured, for 1 and for 10 test points and each of our scoring methods:
 - 'grad':  per-example gradients (vmap of grad) of each batch, multiplied by the k solved vectors;
 - 'jvp':   forward-mode directional derivatives of the per-example losses along each solved vector (no per-example
            gradients), k of them per batch;
-- 'layer': one backward pass for ∂ℓ_j/∂z at every layer output, then per-example kernel gradients of each Linear or
-           convolution by one batched product with its (unfolded) input, and one product with the k solved vectors;
+- 'layer': one backward pass for ∂ℓ_j/∂z at every layer output, then per-example kernel gradients of each Linear by
+           one batched product with its input and of each convolution by one grouped convolution, and one product with
+           the k solved vectors;
 - 'auto':  what `Influence.scores` picks ('jvp' for at most 2 test points, else 'layer' when every parameter sits in a
            Linear or convolution, else 'grad').
 The floor is one epoch of `loss.backward()` over the same batches (no optimiser step), the cheapest pass that touches
