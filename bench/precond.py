@@ -9,7 +9,7 @@ that is what a good preconditioner M ~ (H + dI) would buy, with CG run on M^-1 (
 same right-hand sides (the test gradients of the case) and the same stopping rule ||r_t|| <= tol ||v_t||, the CG
 iterations and HVPs with:
 - none: plain CG, one per test point, and block CG (all test points in one Krylov space, as `block_cg` in notebook 03);
-- jacobi: the exact diagonal of H + dI (needs H; a stochastic estimate could only do worse);
+- jacobi: the exact diagonal of H + dI (needs H; a stochastic estimate would approximate it);
 - block-diagonal: the exact diagonal blocks of H + dI, per layer (weight and bias together): the best that any
   layer-wise (K-FAC-like) preconditioner could reach;
 - top-r eigenvectors: the exact r largest eigenpairs of H + dI folded into M (deflation): the best that any rank-r
