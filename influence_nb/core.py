@@ -234,16 +234,15 @@ class _Curvature(_Engine):
         "Rows H_B v of one batch's mean-loss Hessian (no weight decay): reverse-over-reverse, the batch's graph built once."
         _, pull = vjp(lambda th: grad(self.batch_loss)(th, x, y), self.theta)
         one = lambda v: pull(v)[0]
-        if self.hvp_mode != "auto":
-            return (vmap(one, chunk_size=self.hvp_chunk)(V) if self.hvp_mode == "vmap" else
-                    torch.stack([one(v) for v in V])).detach()
-        if len(V) == 1: return one(V[0])[None].detach()
+        loop = lambda W: torch.stack([one(v) for v in W])
+        if self.hvp_mode == "vmap": return vmap(one, chunk_size=self.hvp_chunk)(V).detach()
+        if self.hvp_mode == "loop" or len(V) == 1: return loop(V).detach()
         # 'auto': which way is faster depends on the batch size (small batches favour vmap), so it is chosen per size.
         # A vmapped piece holds every row's intermediates at once, so 'auto' vmaps in pieces of about 64 MB of the
         # batch's saved activations: on large batches small pieces are also the faster ones (LeNet-5, batches of 500:
         # 72 ms per row in pieces of 2, 122 ms in pieces of 12, which peaked at 0.63 GB against the loop's 0.17 GB)
         rows = self._piece_rows(x, y)
-        run = {"vmap": lambda W: vmap(one, chunk_size=rows)(W), "loop": lambda W: torch.stack([one(v) for v in W])}
+        run = {"vmap": lambda W: vmap(one, chunk_size=rows)(W), "loop": loop}
         key = ("hvp_mode", x.shape[0])
         if isinstance(self.cache.get(key), str): return run[self.cache[key]](V).detach()
         trials = self.cache.setdefault(key, {"vmap": [], "loop": []})
@@ -400,6 +399,10 @@ class ExactSolver(IHVPSolver):
 # %% ../nbs/00_influence.ipynb #9771e292
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
+def _conv_fn(m: nn.Module) -> Callable:
+    "The functional convolution of a Conv1d/2d/3d module (or a subclass)."
+    return next(f for t, f in ((nn.Conv1d, F.conv1d), (nn.Conv2d, F.conv2d), (nn.Conv3d, F.conv3d)) if isinstance(m, t))
+
 def layer_plan(eng) -> dict | None:
     "For the 'layer' scoring pass: {module: {'weight'|'bias': flat parameter name}}, or None if some parameter is outside a Linear/Conv layer."
     owner = {}
@@ -446,9 +449,8 @@ def layer_scores(eng, plan: dict, S: Tensor, x: Tensor, y: Tensor) -> Tensor:
             # convolution (batch 500) that took 30 ms against 5.5 ms for the grouped convolution.
             gz = g.flatten(2)                                          # (B, C_out, positions)
             if W is not None:
-                conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(m)]
                 cin = a.shape[1]
-                r = conv(a.detach().transpose(0, 1), g.reshape(B * m.out_channels, 1, *g.shape[2:]), None,
+                r = _conv_fn(m)(a.detach().transpose(0, 1), g.reshape(B * m.out_channels, 1, *g.shape[2:]), None,
                          m.dilation, m.padding, m.stride, B)          # (C_in, B·C_out, ≥ kernel)
                 r = r[(..., *[slice(0, s) for s in m.kernel_size])]    # the window can overhang: keep the kernel
                 Gw = r.reshape(cin, B, m.out_channels, -1).permute(1, 2, 0, 3)   # (B, C_out, C_in, kernel)
@@ -456,10 +458,9 @@ def layer_scores(eng, plan: dict, S: Tensor, x: Tensor, y: Tensor) -> Tensor:
             if b is not None:
                 total += gz.sum(-1) @ b.T
         else:                                    # padding='same' etc.: the k kernels stacked as k × C_out channels
-            conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(m)]
             cout = m.out_channels
             if W is not None:
-                u = conv(a.detach(), W.reshape(k * cout, *W.shape[2:]), None, m.stride, m.padding, m.dilation)
+                u = _conv_fn(m)(a.detach(), W.reshape(k * cout, *W.shape[2:]), None, m.stride, m.padding, m.dilation)
                 u = u.reshape(B, k, cout, *u.shape[2:])
                 total += (u * g.unsqueeze(1)).flatten(2).sum(-1)
             if b is not None:
