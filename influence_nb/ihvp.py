@@ -93,9 +93,12 @@ class CGSolver(IHVPSolver):
         rs = (R * R).sum(1)
         hist = [rs.sqrt() / vnorm]
         active, it = hist[-1] > self.tol, 0
-        one = torch.ones_like(rs)
+        one, hvps = torch.ones_like(rs), 0
         while bool(active.any()) and it < self.max_iter:
-            AP = _damped_hvp(inf, P)
+            idx = active.nonzero().flatten()              # converged columns stop costing HVPs
+            AP = torch.zeros_like(P)
+            AP[idx] = _damped_hvp(inf, P[idx])
+            hvps += len(idx)
             if not torch.isfinite(AP).all(): raise NonFiniteError("cg: a Hessian-vector product is not finite")
             pAp = (P * AP).sum(1)
             bad = active & (pAp <= 0)
@@ -115,7 +118,7 @@ class CGSolver(IHVPSolver):
             it += 1
             hist.append(rs.sqrt() / vnorm)
             active = active & (hist[-1] > self.tol)
-        return self._finish(inf, X, V, it, hist)
+        return self._finish(inf, X, V, it, hist, hvps=hvps)
 
     def _finish(self, inf, X, V, it, hist, **details):
         "The true residual (one more pass), a warning if some column did not converge, and the SolveInfo."

@@ -189,6 +189,15 @@ def test_bad_options():
     with pytest.raises(Exception, match="tol must be"): CGSolver(tol=-1)
 
 
+def test_cg_converged_columns_stop_costing_hvps(setup):
+    _, inf, _, _, G = setup
+    evals, evecs = ExactSolver().eigh(inf)
+    V = torch.stack([G[0], evecs[:, -1].to(G.dtype) * G[0].norm()])     # an eigenvector converges in one iteration
+    X, info = CGSolver(tol=1e-10).solve(inf, V)
+    torch.testing.assert_close(X, ExactSolver().solve(inf, V)[0], rtol=1e-6, atol=1e-8)
+    assert info.details["hvps"] == info.iterations + 1                  # the second column cost one HVP, not all
+
+
 def test_block_cg_equals_exact_with_fewer_hvps(setup):
     _, inf, _, _, G = setup
     Xe, _ = ExactSolver().solve(inf, G)
