@@ -1,4 +1,5 @@
 __version__ = "0.1.0"
 
 from .core import (influence_scores, upweight_influence, param_changes, self_influence, Influence, SolveInfo,
-                   InfluenceError, HessianNotPositiveDefinite, NonFiniteError)
+                   InfluenceError, HessianNotPositiveDefinite, NonFiniteError, NotConvergedError,
+                   NotConvergedWarning)
