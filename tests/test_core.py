@@ -150,8 +150,8 @@ def test_bad_inputs():
     ce = nn.CrossEntropyLoss()
     with pytest.raises(ValueError, match="disagree on the number of examples"):
         influence_scores(m, ce, (X, y[:-1]), (X[:2], y[:2]))
-    with pytest.raises(InfluenceError, match="scalar"):
-        influence_scores(m, nn.CrossEntropyLoss(reduction="none"), (X, y), (X[:2], y[:2]))
+    with pytest.raises(InfluenceError, match="reduction='sum'"):
+        influence_scores(m, nn.CrossEntropyLoss(reduction="sum"), (X, y), (X[:2], y[:2]))
     with pytest.raises(InfluenceError, match="failed on a batch"):
         influence_scores(m, ce, (X, y), (X[:2, :3], y[:2]))
     with pytest.raises(ValueError, match="train is empty"):
@@ -291,16 +291,20 @@ def test_auto_hvp_pieces_shrink_with_the_batch_activations():
                                                      hvp_mode="loop").hvp(V))
 
 
-def test_scores_rows_follow_the_loader_not_the_dataset_length():
+def test_loaders_that_reorder_repeat_or_drop_are_refused_on_every_path():
+    """Scores are indexed by position: a loader that repeats, reorders or drops examples is refused, not scored."""
     m, X, y, wd = trained_mlp()
     from torch.utils.data import DataLoader, TensorDataset
-    extra = DataLoader(TensorDataset(X, y), batch_size=16, sampler=list(range(len(y))) + [0, 1])   # yields n + 2
-    same = (torch.cat([X, X[:2]]), torch.cat([y, y[:2]]))                                          # the same n + 2
+    ds = TensorDataset(X, y)
+    extra = DataLoader(ds, batch_size=16, sampler=list(range(len(y))) + [0, 1])   # would yield n + 2
     make = lambda train: Influence(m, nn.CrossEntropyLoss(), train, weight_decay=wd, dtype=torch.float64, batch_size=16)
-    for method in ("layer", "grad", "jvp"):
-        S = make(extra).scores((X[:3], y[:3]), method=method)
-        assert S.shape == (3, len(y) + 2)
-        torch.testing.assert_close(S, make(same).scores((X[:3], y[:3]), method=method))
+    with pytest.raises(InfluenceError, match="shuffle=False and no sampler"):
+        make(extra)
+    with pytest.raises(InfluenceError, match="drop_last=False"):
+        make(DataLoader(ds, batch_size=16, drop_last=True))
+    inf = make((X, y))
+    with pytest.raises(InfluenceError, match="shuffle=False"):          # a test loader, too
+        inf.scores(DataLoader(TensorDataset(X[:5], y[:5]), shuffle=True))
 
 
 def test_hessian_data_subset():
