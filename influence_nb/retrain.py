@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_ground_truth.ipynb #e4189242
 from __future__ import annotations
-import copy, hashlib, json, math, os
+import copy, dis, functools, hashlib, inspect, json, math, numbers, os, sys, types
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
@@ -14,19 +14,41 @@ from torch import nn, Tensor
 from torch.func import functional_call, vmap
 from tqdm import tqdm
 
+from .core import InfluenceError, InfluenceTypeError, NonFiniteError, PerExampleLoss, per_example_loss
+
 # %% auto #0
-__all__ = ['removal_weights', 'minibatch_order', 'per_example_cross_entropy', 'RetrainConfig', 'retrain_sequential',
-           'stack_state', 'fast_path_layers', 'train_stack', 'stack_losses', 'LOOResult', 'loo_retrain', 'NoiseFloor',
-           'noise_floor', 'above_noise']
+__all__ = ['RemovedIndexError', 'as_removed', 'removal_weights', 'minibatch_order', 'per_example_cross_entropy', 'RetrainConfig',
+           'per_example', 'retrain_sequential', 'stack_state', 'fast_path_layers', 'train_stack', 'stack_losses',
+           'LOOResult', 'loss_fingerprint', 'loss_description', 'loo_retrain', 'NoiseFloor', 'noise_floor',
+           'above_noise']
 
 # %% ../nbs/01_ground_truth.ipynb #ef8068e9
+class RemovedIndexError(InfluenceError, IndexError):
+    "A removed index outside the training set (an `InfluenceError` that is also an `IndexError`)."
+
+def as_removed(removed, # training indices: a list, range, array or integer tensor
+               n:int, # number of training examples
+              ) -> Tensor:
+    "Removed indices as a flat long tensor, refusing masks, non-integers and indices outside [0, n)."
+    r = torch.as_tensor(removed)
+    if r.numel() == 0: return torch.zeros(0, dtype=torch.long)
+    if r.dtype == torch.bool:
+        raise InfluenceError("`removed` is a boolean mask; pass the indices to remove instead, e.g. mask.nonzero().flatten()")
+    if r.is_floating_point() or r.is_complex():
+        raise InfluenceError(f"`removed` must hold integer indices, got dtype {r.dtype}; pass e.g. torch.tensor(idx, dtype=torch.long)")
+    r = r.to(torch.long).reshape(-1).cpu()
+    bad = r[(r < 0) | (r >= n)]
+    if len(bad): raise RemovedIndexError(f"removed indices must lie in [0, {n}) (the training set has {n} examples); "
+                                         f"got {bad[:5].tolist()}{' ...' if len(bad) > 5 else ''}")
+    return r
+
+# %% ../nbs/01_ground_truth.ipynb #299ceb74
 def removal_weights(n:int, # number of training examples
                     removed, # indices to remove, one model per index
                     control:bool=True, # prepend an all-ones control row
                     device=None, dtype=torch.float32) -> Tensor:
     "Per-model sample weights: one row per removal (weight 0 at the removed index), optional control row first."
-    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
-    if len(removed) and (removed.min() < 0 or removed.max() >= n): raise IndexError(f"removed indices must lie in [0, {n})")
+    removed = as_removed(removed, n)
     w = torch.ones(len(removed), n, dtype=dtype, device=device)
     w[torch.arange(len(removed)), removed.to(w.device)] = 0
     if control: w = torch.cat([torch.ones(1, n, dtype=dtype, device=device), w])
@@ -66,23 +88,110 @@ class RetrainConfig:
     batch_size: int | None = None   # None: full-batch gradient descent
     seed: int = 0                   # seed of the minibatch order (and of dropout masks in the stack)
 
+    def __post_init__(self):
+        "Refuse settings that cannot mean what they say (the message names each bad field)."
+        num = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+        bad = [f"{k}={getattr(self, k)!r} ({need})" for k, ok, need in [
+            ('steps', whole(self.steps) and self.steps >= 0, 'a whole number >= 0'),
+            ('lr', num(self.lr) and self.lr > 0, 'a finite number > 0'),
+            ('weight_decay', num(self.weight_decay) and self.weight_decay >= 0, 'a finite number >= 0'),
+            ('momentum', num(self.momentum) and 0 <= self.momentum < 1, 'a number in [0, 1)'),
+            ('batch_size', self.batch_size is None or (whole(self.batch_size) and self.batch_size >= 1), 'None or a whole number >= 1'),
+            ('seed', whole(self.seed), 'a whole number')] if not ok]
+        if bad: raise InfluenceError("RetrainConfig: " + "; ".join(bad))
+
 # %% ../nbs/01_ground_truth.ipynb #01d65a2f
+_NONFINITE_FIX = ("lower cfg.lr, check X and y for NaN/Inf, or use a numerically stable loss "
+                  "(e.g. cross-entropy on logits rather than log of a softmax)")
+
+def _device(model) -> torch.device:
+    "The device of the model's parameters, refusing what is not a module with parameters."
+    if not isinstance(model, nn.Module): raise InfluenceTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    p = next(model.parameters(), None)
+    if p is None: raise InfluenceError("the model has no parameters to retrain")
+    return p.device
+
+def _check_data(X, y, X_test=None, y_test=None, dev=None) -> tuple:
+    "The tensors on `dev`, after refusing mismatched lengths or shapes and NaN/Inf values (naming the first bad row)."
+    sets = [('X', 'y', X, y)] + ([] if X_test is None and y_test is None else [('X_test', 'y_test', X_test, y_test)])
+    for nx, ny, a, b in sets:
+        for nm, t in ((nx, a), (ny, b)):
+            if not isinstance(t, Tensor):
+                raise InfluenceTypeError(f"{nm} must be a torch.Tensor, got {type(t).__name__}; convert it with torch.as_tensor")
+            if t.dim() == 0: raise InfluenceError(f"{nm} is a scalar: pass one row per example (the batch dimension first)")
+        if len(a) != len(b): raise InfluenceError(f"{nx} has {len(a)} rows but {ny} has {len(b)}: pass one target per example")
+        if len(a) == 0: raise InfluenceError(f"{nx} is empty: pass at least one example")
+    if X_test is not None:
+        if X_test.shape[1:] != X.shape[1:]:
+            raise InfluenceError(f"X_test has examples of shape {tuple(X_test.shape[1:])} but X has {tuple(X.shape[1:])}: "
+                                 "pass test inputs with the training inputs' features (same shape after the first dim)")
+        if y_test.shape[1:] != y.shape[1:] or y_test.is_floating_point() != y.is_floating_point():
+            raise InfluenceError(f"y_test holds targets of shape {tuple(y_test.shape[1:])} ({y_test.dtype}) but y of shape "
+                                 f"{tuple(y.shape[1:])} ({y.dtype}): pass test targets of the training targets' kind")
+    for nm, t in (('X', X), ('y', y), ('X_test', X_test), ('y_test', y_test)):
+        if t is not None and (t.is_floating_point() or t.is_complex()):
+            ok = torch.isfinite(t.reshape(len(t), -1)).all(1)
+            if not ok.all():
+                raise NonFiniteError(f"{nm} has a non-finite value (NaN or Inf) in row {int((~ok).nonzero()[0])} "
+                                     f"({int((~ok).sum())} rows in all): fix or drop those rows")
+    return tuple(t.to(dev) for t in (X, y, X_test, y_test) if t is not None)
+
+def _check_weights(weights, shape:tuple, dev) -> Tensor:
+    "Sample weights of the expected shape, finite, on `dev`."
+    w = torch.as_tensor(weights)
+    if tuple(w.shape) != tuple(shape):
+        raise InfluenceError(f"weights must have shape {tuple(shape)} (one per training example"
+                             f"{'' if len(shape) == 1 else ', one row per model'}), got {tuple(w.shape)}")
+    if not torch.isfinite(w).all(): raise NonFiniteError("weights has non-finite values: pass finite sample weights")
+    return w.to(dev)
+
+def per_example(loss_fn, # a loss module, a per-example function, or a `PerExampleLoss` (returned as is)
+               ) -> PerExampleLoss:
+    "`loss_fn` as `core.per_example_loss` sees it: (outputs, targets) -> (B,) losses with a `.check` (wrapped once)."
+    return loss_fn if isinstance(loss_fn, PerExampleLoss) else per_example_loss(loss_fn)
+
+def _plain_cross_entropy(loss) -> bool:
+    "Whether `loss` is exactly `per_example_cross_entropy` (the fast path computes it in place)."
+    f = getattr(loss, 'loss_fn', loss)
+    if f is per_example_cross_entropy: return True
+    return (type(f) is nn.CrossEntropyLoss and f.weight is None and f.label_smoothing == 0 and f.ignore_index == -100
+            and f.reduction in ('mean', 'none'))
+
+def _per_example_shape(L, B:int) -> Tensor:
+    "Per-example losses (B,) or a clear error when `loss_fn` returned something else."
+    if not isinstance(L, Tensor) or L.numel() != B:
+        raise InfluenceError(f"loss_fn returned {tuple(L.shape) if isinstance(L, Tensor) else type(L).__name__} for a batch of "
+                             f"{B} examples: it must return one loss per example, shape ({B},) (e.g. reduction='none')")
+    return L.reshape(B)
+
+# %% ../nbs/01_ground_truth.ipynb #3c54d0bc
 def retrain_sequential(model:nn.Module, # trained model at θ* (left untouched)
                        X:Tensor, y:Tensor, # training inputs and targets
                        weights:Tensor, # (n,) sample weights, 0 to remove an example
                        cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
-                       loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses
+                       loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
                       ) -> nn.Module:
     "Retrain a copy of `model` with a plain torch.optim.SGD loop (the sequential reference)."
+    dev = _device(model)
+    X, y = _check_data(X, y, dev=dev)
+    weights = _check_weights(weights, (len(X),), dev)
     m = copy.deepcopy(model).train()
-    dev = next(m.parameters()).device
-    X, y, weights = X.to(dev), y.to(dev), weights.to(dev)
+    loss_fn = per_example(loss_fn)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    for idx in minibatch_order(len(X), cfg.batch_size, cfg.steps, cfg.seed):
+    for step, idx in enumerate(minibatch_order(len(X), cfg.batch_size, cfg.steps, cfg.seed)):
         xb, yb, wb = (X, y, weights) if idx is None else (X[idx], y[idx], weights[idx.to(dev)])
         opt.zero_grad()
-        ((wb * loss_fn(m(xb), yb)).sum() / len(yb)).backward()
+        out = m(xb)
+        if step == 0:
+            with torch.no_grad(): loss_fn.check(out.detach(), yb)  # once, on a real batch: shapes, plain mean
+        losses = _per_example_shape(loss_fn(out, yb), len(yb))
+        if not torch.isfinite(losses).all():
+            i = int((~torch.isfinite(losses)).nonzero()[0])
+            raise NonFiniteError(f"non-finite training loss at step {step}, training example "
+                                 f"{i if idx is None else int(idx[i])}: {_NONFINITE_FIX}")
+        ((wb * losses).sum() / len(yb)).backward()
         opt.step()
     return m.train(model.training)
 
@@ -102,11 +211,14 @@ def _stack_forward(model, params, buffers, xb, per_model:bool):
     return vmap(f, in_dims=(0, 0, 0 if per_model else None),
                 randomness='different' if per_model else 'same')(params, buffers, xb)
 
-def _stack_losses(loss_fn, out:Tensor, yb:Tensor, per_model:bool) -> Tensor:
+def _stack_losses(loss_fn, out:Tensor, yb:Tensor, per_model:bool, check:bool=False) -> Tensor:
     "Per-example losses (K, B) of stacked outputs, computed by one call of `loss_fn` on the flattened stack."
     K, B = out.shape[:2]
     yk = yb if per_model else yb.unsqueeze(0).expand(K, *yb.shape)
-    return loss_fn(out.reshape(K * B, *out.shape[2:]), yk.reshape(K * B, *yk.shape[2:])).reshape(K, B)
+    o, t = out.reshape(K * B, *out.shape[2:]), yk.reshape(K * B, *yk.shape[2:])
+    if check:  # once, on a real batch, outside any transform: shapes, and that a scalar loss is the plain mean
+        with torch.no_grad(): loss_fn.check(o.detach(), t)
+    return _per_example_shape(loss_fn(o, t), K * B).reshape(K, B)
 
 # %% ../nbs/01_ground_truth.ipynb #6ef1020e
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
@@ -144,11 +256,11 @@ def _chain_forward(chain, state:dict, xb:Tensor, per_model:bool) -> Tensor:
         first = False
     return h
 
-def _chain_losses(loss_fn, outT:Tensor, yb:Tensor, per_model:bool) -> Tensor:
+def _chain_losses(loss_fn, outT:Tensor, yb:Tensor, per_model:bool, check:bool=False) -> Tensor:
     "Per-example losses (K, B) from fast-path outputs (K, C, B): cross-entropy in place, any other loss via (K, B, C)."
-    if loss_fn is per_example_cross_entropy and not yb.is_floating_point():
+    if _plain_cross_entropy(loss_fn) and not yb.is_floating_point() and yb.dim() == 1:
         return F.cross_entropy(outT, yb if per_model else yb.expand(outT.shape[0], *yb.shape), reduction='none')
-    return _stack_losses(loss_fn, outT.mT, yb, per_model)
+    return _stack_losses(loss_fn, outT.mT, yb, per_model, check)
 
 # %% ../nbs/01_ground_truth.ipynb #b50daa9a
 def train_stack(model:nn.Module, # the architecture (its own tensors are not touched)
@@ -156,13 +268,22 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
                 weights:Tensor, # (K, n) sample weights, one row per model
                 X:Tensor, y:Tensor, # training inputs and targets (on the model's device)
                 cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
-                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses
+                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
                 seeds=None, # optional list of K order seeds: each model gets its own minibatch order
                 progress:bool=False, # show a tqdm bar over steps
                 fast:bool=True, # use the batched-matmul fast path when the model qualifies (`fast_path_layers`)
                ) -> tuple[dict, dict]:
     "Run `cfg.steps` SGD steps on a stack of K models at once, each with its own sample weights."
-    n, K = len(X), weights.shape[0]
+    dev = _device(model)
+    X, y = _check_data(X, y, dev=dev)
+    n, K = len(X), torch.as_tensor(weights).shape[0]
+    weights = _check_weights(weights, (K, n), dev)
+    if any(v.shape[0] != K for v in (*params.values(), *buffers.values())):
+        raise InfluenceError(f"weights has {K} rows but the stacked state holds "
+                             f"{next(iter(params.values())).shape[0]} models: build it with stack_state(model, {K})")
+    loss_fn = per_example(loss_fn)
+    loss_fn.check_targets(y, 0, 'y')
+    finite = torch.ones(cfg.steps, K, dtype=torch.bool, device=dev)  # per step and model: were all losses finite?
     names = list(params)
     vals = [params[k].requires_grad_(True) for k in names]
     chain = fast_path_layers(model, X) if fast else None
@@ -171,20 +292,21 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
     mom = None
     if seeds is None: batches = minibatch_order(n, cfg.batch_size, cfg.steps, cfg.seed)
     else:
-        if len(seeds) != K: raise ValueError(f"need one seed per model: got {len(seeds)} for {K} models")
+        if len(seeds) != K: raise InfluenceError(f"need one seed per model: got {len(seeds)} for {K} models")
         its = [minibatch_order(n, cfg.batch_size, cfg.steps, s) for s in seeds]
         batches = (None if bs[0] is None else torch.stack(bs) for bs in zip(*its))
     was_training = model.training
     model.train()
     try:
-        for idx in tqdm(batches, total=cfg.steps, disable=not progress, leave=False, mininterval=1, desc='steps'):
+        for step, idx in enumerate(tqdm(batches, total=cfg.steps, disable=not progress, leave=False, mininterval=1, desc='steps')):
             if idx is None: xb, yb, wb, per_model = X, y, w_full, False
             else:
                 idx = idx.to(X.device); per_model = idx.dim() == 2
                 xb, yb = X[idx], y[idx]
                 wb = (weights.gather(1, idx) if per_model else weights[:, idx]) / idx.shape[-1]
-            if chain is None: losses = _stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, per_model), yb, per_model)
-            else: losses = _chain_losses(loss_fn, _chain_forward(chain, state, xb, per_model), yb, per_model)
+            if chain is None: losses = _stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, per_model), yb, per_model, step == 0)
+            else: losses = _chain_losses(loss_fn, _chain_forward(chain, state, xb, per_model), yb, per_model, step == 0)
+            finite[step] = torch.isfinite(losses.detach()).all(1)  # no sync: read once, after the loop
             grads = list(torch.autograd.grad(losses, vals, wb.to(losses.dtype)))  # gradient of Σ_k Σ_i w_ki ℓ_ki / B
             with torch.no_grad():
                 if cfg.weight_decay: torch._foreach_add_(grads, vals, alpha=cfg.weight_decay)
@@ -195,25 +317,44 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
                 torch._foreach_add_(vals, grads, alpha=-cfg.lr)
     finally: model.train(was_training)
     for v in vals: v.requires_grad_(False)
+    _raise_nonfinite(finite, vals, K)
     return params, buffers
+
+def _raise_nonfinite(finite:Tensor, vals:list, K:int):
+    "NonFiniteError naming the first step and model row whose training loss (or final parameters) went NaN/Inf."
+    if bool(finite.all()) and all(bool(torch.isfinite(v).all()) for v in vals): return
+    if not bool(finite.all()): step, row = (~finite).nonzero()[0].tolist(); what = f"a non-finite training loss at step {step}"
+    else:
+        step = len(finite) - 1
+        row = int(torch.stack([~torch.isfinite(v.reshape(K, -1)).all(1) for v in vals]).any(0).nonzero()[0])
+        what = f"non-finite parameters after the last step ({step})"
+    err = NonFiniteError(f"model row {row} of the stack had {what}: {_NONFINITE_FIX}")
+    err.step, err.row = step, row
+    raise err
 
 # %% ../nbs/01_ground_truth.ipynb #beb48e5d
 @torch.no_grad()
 def stack_losses(model:nn.Module, params:dict, buffers:dict, # architecture and stacked state
                  X:Tensor, y:Tensor, # test inputs and targets
-                 loss_fn=per_example_cross_entropy, batch_size:int=4096,
+                 loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                 batch_size:int=4096, # test examples per forward pass
                  fast:bool=True, # use the batched-matmul fast path when the model qualifies
                 ) -> Tensor:
     "Loss of every stacked model on every example, shape (K, m), in eval mode."
+    X, y = _check_data(X, y, dev=_device(model))
+    if not (isinstance(batch_size, int) and batch_size >= 1): raise InfluenceError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    loss_fn = per_example(loss_fn)
+    loss_fn.check_targets(y, 0, 'y')
     chain = fast_path_layers(model, X) if fast else None
+    batches = list(zip(X.split(batch_size), y.split(batch_size)))
     if chain is not None:
         state = {**buffers, **params}
-        return torch.cat([_chain_losses(loss_fn, _chain_forward(chain, state, xb, False), yb, False)
-                          for xb, yb in zip(X.split(batch_size), y.split(batch_size))], 1)
+        return torch.cat([_chain_losses(loss_fn, _chain_forward(chain, state, xb, False), yb, False, i == 0)
+                          for i, (xb, yb) in enumerate(batches)], 1)
     was_training = model.training
     model.eval()
-    try: return torch.cat([_stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, False), yb, False)
-                           for xb, yb in zip(X.split(batch_size), y.split(batch_size))], 1)
+    try: return torch.cat([_stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, False), yb, False, i == 0)
+                           for i, (xb, yb) in enumerate(batches)], 1)
     finally: model.train(was_training)
 
 # %% ../nbs/01_ground_truth.ipynb #bb97253c
@@ -235,6 +376,134 @@ class LOOResult:
         return self.param_change.norm(dim=1)
 
 # %% ../nbs/01_ground_truth.ipynb #1f06b9ff
+_LIBRARY_ROOTS = {'torch', 'numpy', 'scipy', 'sklearn', 'functorch', 'influence_nb'}
+
+def _is_library(modname) -> bool:
+    "True for code we identify by name (torch, numpy, the standard library, this package), not by its bytecode."
+    root = (modname or '').split('.')[0]
+    return root in _LIBRARY_ROOTS or root in sys.stdlib_module_names
+
+_LOSS_FIX = ("use an nn loss module (e.g. nn.CrossEntropyLoss(reduction='none')), a module-level function, or a "
+             "functools.partial with plain arguments (numbers, strings, tensors); or run without out_dir")
+
+def _digest(b:bytes) -> str: return hashlib.sha256(b).hexdigest()
+
+def _tensor_digest(t:Tensor) -> list:
+    t = t.detach().cpu().contiguous()
+    return ['tensor', str(t.dtype), list(t.shape), _digest(t.reshape(-1).view(torch.uint8).numpy().tobytes())]
+
+def _global_names(code) -> set:
+    "Names a code object (and the code nested in it) reads or writes as globals."
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in ('LOAD_GLOBAL', 'LOAD_NAME', 'STORE_GLOBAL', 'DELETE_GLOBAL')}
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType): names |= _global_names(c)
+    return names
+
+def _canon_code(co) -> list:
+    return ['code', co.co_argcount, co.co_posonlyargcount, co.co_kwonlyargcount, co.co_flags, co.co_code.hex(),
+            [_canon_code(c) if isinstance(c, types.CodeType) else _canon(c, 'a constant') for c in co.co_consts],
+            list(co.co_names), list(co.co_varnames), list(co.co_freevars), list(co.co_cellvars)]
+
+def _canon_function(f, where, stack) -> list:
+    mod, qn = getattr(f, '__module__', None), getattr(f, '__qualname__', repr(f))
+    if _is_library(mod): return ['function', mod, qn]
+    where = f"{where} -> {qn}"
+    cells = []
+    for i, cell in enumerate(f.__closure__ or ()):
+        try: v = cell.cell_contents
+        except ValueError: cells.append(['empty']); continue
+        cells.append(_canon(v, f"{where}, closure variable {f.__code__.co_freevars[i]!r}", stack))
+    g = {}
+    for name in sorted(_global_names(f.__code__)):
+        if name in f.__globals__: g[name] = _canon(f.__globals__[name], f"{where}, global {name!r}", stack)
+        else: g[name] = ['builtin']
+    return ['function', mod, qn, _canon_code(f.__code__), _canon(f.__defaults__, where, stack),
+            _canon(f.__kwdefaults__, where, stack), cells, g]
+
+def _canon_module(m:nn.Module, where, stack) -> list:
+    cls = type(m)
+    attrs = {k: _canon(v, f"{where}.{k}", stack) for k, v in sorted(vars(m).items()) if not k.startswith('_')}
+    tensors = {k: _canon(v, f"{where}.{k}", stack) for k, v in sorted({**m._parameters, **m._buffers}.items())}
+    subs = {k: _canon(v, f"{where}.{k}", stack) for k, v in m._modules.items()}
+    hooks = [_canon(h, f"{where} (a hook)", stack) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
+    code = {f"{c.__qualname__}.{k}": _canon_function(v, where, stack) for c in cls.__mro__ if not _is_library(c.__module__)
+            for k, v in sorted(vars(c).items()) if isinstance(v, types.FunctionType)}
+    return ['nn.Module', cls.__module__, cls.__qualname__, attrs, tensors, subs, hooks, code]
+
+def _canon(x, where:str='the loss', stack=None) -> list:
+    "A JSON-able description of `x` that changes whenever anything that can change its numbers changes."
+    stack = set() if stack is None else stack
+    if x is None or isinstance(x, (bool, int, str)): return [type(x).__name__, x]
+    if isinstance(x, (float, complex)): return [type(x).__name__, repr(x)]
+    if isinstance(x, bytes): return ['bytes', _digest(x)]
+    if x is Ellipsis: return ['...']
+    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)): return ['torch', str(x)]
+    if isinstance(x, types.ModuleType): return ['module', x.__name__]
+    if isinstance(x, type): return ['class', x.__module__, x.__qualname__]
+    if isinstance(x, Tensor):
+        if x.layout != torch.strided or x.is_quantized: raise InfluenceError(f"cannot fingerprint the {x.layout} tensor at {where}: {_LOSS_FIX}")
+        return _tensor_digest(x)
+    if type(x).__module__ == 'numpy':
+        import numpy as np
+        if isinstance(x, np.ndarray) and x.dtype != object: return ['ndarray', str(x.dtype), list(x.shape), _digest(np.ascontiguousarray(x).tobytes())]
+        if isinstance(x, np.generic): return ['np', str(x.dtype), repr(x.item())]
+    if id(x) in stack: return ['cycle']
+    stack.add(id(x))
+    try:
+        if isinstance(x, slice): return ['slice', _canon(x.start, where, stack), _canon(x.stop, where, stack), _canon(x.step, where, stack)]
+        if isinstance(x, (tuple, list)):
+            return [type(x).__qualname__, [_canon(v, f"{where}[{i}]", stack) for i, v in enumerate(x)]]
+        if isinstance(x, (set, frozenset)):
+            return [type(x).__qualname__, sorted((_canon(v, where, stack) for v in x), key=json.dumps)]
+        if isinstance(x, dict):
+            items = [[_canon(k, where, stack), _canon(v, f"{where}[{k!r}]", stack)] for k, v in x.items()]
+            return [type(x).__qualname__, sorted(items, key=json.dumps)]
+        if isinstance(x, PerExampleLoss): return _canon(x.loss_fn, where, stack)
+        if isinstance(x, nn.Module): return _canon_module(x, where, stack)
+        if isinstance(x, functools.partial):
+            return ['partial', _canon(x.func, where, stack), _canon(x.args, f"{where} (partial args)", stack),
+                    _canon(x.keywords, f"{where} (partial keywords)", stack)]
+        if isinstance(x, types.FunctionType): return _canon_function(x, where, stack)
+        if isinstance(x, types.MethodType): return ['method', _canon(x.__func__, where, stack), _canon(x.__self__, where, stack)]
+        if isinstance(x, types.BuiltinFunctionType):
+            owner = getattr(x, '__self__', None)
+            name = ['builtin', getattr(x, '__module__', None), x.__qualname__]
+            return name if owner is None or isinstance(owner, types.ModuleType) else name + [_canon(owner, where, stack)]
+    finally: stack.discard(id(x))
+    raise InfluenceError(f"cannot fingerprint {type(x).__qualname__} object at {where} (its state could change the "
+                         f"losses without changing the fingerprint): {_LOSS_FIX}")
+
+def loss_fingerprint(loss_fn, # a loss module, functools.partial, function or lambda
+                    ) -> str:
+    "SHA-256 of everything that determines `loss_fn`'s numbers; refuses (InfluenceError) what it cannot capture."
+    return _digest(json.dumps(_canon(loss_fn), sort_keys=True).encode())
+
+def _short(v) -> str:
+    if isinstance(v, Tensor): return f"tensor(shape={tuple(v.shape)}, dtype={v.dtype})"
+    if isinstance(v, (nn.Module, types.FunctionType, functools.partial)): return loss_description(v)
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + '...'
+
+def loss_description(loss_fn, # a loss module, functools.partial, function or lambda
+                    ) -> str:
+    "A short human-readable description of a loss (class and options, function name and source, or partial)."
+    if isinstance(loss_fn, PerExampleLoss): loss_fn = loss_fn.loss_fn
+    if isinstance(loss_fn, nn.Module):
+        kw = [f"{k}={_short(v)}" for k, v in vars(loss_fn).items() if not k.startswith('_') and k != 'training']
+        kw += [f"{k}={_short(v)}" for k, v in {**loss_fn._parameters, **loss_fn._buffers}.items() if v is not None]
+        kw += [f"{k}={_short(v)}" for k, v in loss_fn._modules.items()]
+        return f"{type(loss_fn).__qualname__}({', '.join(kw)})"
+    if isinstance(loss_fn, functools.partial):
+        args = [loss_description(loss_fn.func)] + [_short(a) for a in loss_fn.args] + [f"{k}={_short(v)}" for k, v in loss_fn.keywords.items()]
+        return f"functools.partial({', '.join(args)})"
+    name = f"{getattr(loss_fn, '__module__', None)}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
+    if isinstance(loss_fn, types.FunctionType) and '<' in name:  # a lambda or a local function: show its source
+        try: src = ' '.join(inspect.getsource(loss_fn).split())
+        except (OSError, TypeError): src = None
+        if src: name += f": {src if len(src) <= 160 else src[:157] + '...'}"
+    return name
+
+# %% ../nbs/01_ground_truth.ipynb #526f164d
 def _fingerprint(*parts) -> str:
     "SHA-256 over tensors (their bytes, dtype and shape) and JSON-able settings."
     h = hashlib.sha256()
@@ -247,13 +516,84 @@ def _fingerprint(*parts) -> str:
 
 def _flat(params:dict) -> Tensor: return torch.cat([v.reshape(v.shape[0], -1) for v in params.values()], 1)
 
-# %% ../nbs/01_ground_truth.ipynb #3b9cf5fa
+def _model_fingerprint(model:nn.Module, P0:dict, B0:dict) -> str:
+    "Architecture (repr), which parameters train, θ* and buffers, and the code of user-defined module classes."
+    code = {f"{c.__module__}.{c.__qualname__}.{k}": _canon_code(v.__code__) for m in model.modules()
+            for c in type(m).__mro__ if not _is_library(c.__module__)
+            for k, v in vars(c).items() if isinstance(v, types.FunctionType)}
+    return _fingerprint(repr(model), list(P0), list(B0), code, *P0.values(), *B0.values())
+
+def _data_description(X:Tensor, y:Tensor) -> str:
+    return f"X {tuple(X.shape)} {X.dtype}, y {tuple(y.shape)} {y.dtype}"
+
+def _run_record(model, P0, B0, X, y, X_test, y_test, removed, cfg, chunk_size, keep_params, fast, loss_fn) -> dict:
+    "Everything that determines a run's numbers: readable settings, with fingerprints of tensors, model and loss."
+    model_desc = ' '.join(repr(model).split())
+    rec = dict(format=2, cfg=asdict(cfg), chunk_size=chunk_size, keep_params=keep_params, fast=fast,
+               loss=dict(description=loss_description(loss_fn), fingerprint=loss_fingerprint(loss_fn)),
+               model=dict(description=model_desc if len(model_desc) <= 300 else model_desc[:297] + '...',
+                          fingerprint=_model_fingerprint(model, P0, B0)),
+               train_data=dict(description=_data_description(X, y), fingerprint=_fingerprint(X, y)),
+               test_data=dict(description=_data_description(X_test, y_test), fingerprint=_fingerprint(X_test, y_test)),
+               removed=dict(description=f"{len(removed)} indices, first {removed[:5].tolist()}", fingerprint=_fingerprint(removed)))
+    rec = json.loads(json.dumps(rec))  # exactly what config.json will hold (tuples as lists)
+    return dict(rec, fingerprint=_fingerprint(rec))
+
+def _differences(old:dict, new:dict) -> list:
+    "Human-readable list of the settings in which a stored run record differs from a new one."
+    out = []
+    for k, b in new.items():
+        if k == 'fingerprint': continue
+        a = old.get(k, '<not stored>')
+        if a == b: continue
+        if k == 'cfg' and isinstance(a, dict):
+            out += [f"cfg.{f}: {a.get(f, '<not stored>')!r} -> {v!r}" for f, v in b.items() if a.get(f, '<not stored>') != v]
+        elif isinstance(b, dict) and 'description' in b:
+            da = a.get('description') if isinstance(a, dict) else a
+            out.append(f"{k}: {da} -> {b['description']}" if da != b['description'] else
+                       f"{k}: {b['description']} (same description, different contents: a constant, tensor or parameter changed)")
+        else: out.append(f"{k}: {a!r} -> {b!r}")
+    return out or ['the run fingerprint (a folder written by another version of influence_nb?)']
+
+def _atomic_write(path:Path, write):
+    "Write `path` through a temporary file in the same folder and `os.replace`: readers see the old file or the new one."
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try: write(tmp); os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+
+def _open_out_dir(out_dir:Path, record:dict, n_chunks:int, dev) -> dict:
+    "Finished chunks of this very run from `out_dir`; refuses (writing nothing) a folder holding another run's."
+    fix = f"use a fresh out_dir, or delete {out_dir} to recompute from scratch"
+    cfg_path = out_dir / 'config.json'
+    if cfg_path.exists():
+        try: old = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as e: raise InfluenceError(f"{cfg_path} cannot be read ({e}): {fix}") from e
+        if not isinstance(old, dict) or old.get('fingerprint') != record['fingerprint']:
+            diff = _differences(old if isinstance(old, dict) else {}, record)
+            raise InfluenceError(f"{out_dir} holds chunks of a different run; settings that differ (stored -> this run): "
+                                 + '; '.join(diff) + f". Nothing was written: {fix}")
+    done = {}
+    for c in range(n_chunks):
+        path = out_dir / f'chunk_{c:05d}.pt'
+        if not path.exists(): continue
+        try: res = torch.load(path, map_location=dev)
+        except Exception as e:
+            raise InfluenceError(f"{path} cannot be read ({type(e).__name__}: {e}): delete that file to recompute its chunk") from e
+        if not isinstance(res, dict) or res.get('fingerprint') != record['fingerprint']:
+            raise InfluenceError(f"{path} was written by a different run (its fingerprint is not this run's): {fix}")
+        done[c] = res
+    if not cfg_path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cfg_path, lambda t: t.write_text(json.dumps(record, indent=1)))
+    return done
+
+# %% ../nbs/01_ground_truth.ipynb #517b3d6f
 def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
                 X:Tensor, y:Tensor, # training set
                 X_test:Tensor, y_test:Tensor, # test points whose losses are tracked
                 removed, # training indices to remove, one retrain each
                 cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
-                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses
+                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
                 chunk_size:int|None=None, # removals per stack (None: all at once)
                 out_dir=None, # folder for finished chunks; reruns resume from it
                 keep_params:bool=True, # return θ_{-j} - θ* (K × p floats)
@@ -262,46 +602,57 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
                 fast:bool=True, # batched-matmul fast path for plain MLPs (see `fast_path_layers`); False forces vmap
                ) -> LOOResult:
     "Retrain from θ* once per removed index, batched in chunks with a control run each, resumable from `out_dir`."
-    dev = next(model.parameters()).device
-    X, y, X_test, y_test = X.to(dev), y.to(dev), X_test.to(dev), y_test.to(dev)
-    removed = torch.as_tensor(removed, dtype=torch.long).reshape(-1)
-    n, K = len(X), len(removed)
-    chunk_size = K if chunk_size is None else int(chunk_size)
+    dev = _device(model)
+    X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev)
+    n = len(X)
+    removed = as_removed(removed, n)
+    if not len(removed): raise InfluenceError("nothing to retrain: `removed` is empty; pass at least one training index")
+    K = len(removed)
+    if chunk_size is None: chunk_size = K
+    elif not (isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1):
+        raise InfluenceError(f"chunk_size must be a whole number >= 1 (or None for all removals in one stack), got {chunk_size!r}")
+    chunk_size = int(chunk_size)
     P0, B0 = stack_state(model, 1)
     theta = _flat(P0)[0]
     dtype = theta.dtype
-    base = stack_losses(model, P0, B0, X_test, y_test, loss_fn, fast=fast)[0]
-    fp = _fingerprint(asdict(cfg), chunk_size, keep_params, fast, getattr(loss_fn, '__name__', repr(loss_fn)), repr(model),
-                      *P0.values(), *B0.values(), X, y, X_test, y_test, removed)
-    if out_dir is not None:
-        out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / 'config.json').write_text(json.dumps(dict(cfg=asdict(cfg), chunk_size=chunk_size, n_removed=K,
-                                                             fingerprint=fp), indent=1))
+    starts = range(0, K, chunk_size)
+    record = None if out_dir is None else _run_record(model, P0, B0, X, y, X_test, y_test, removed, cfg, chunk_size,
+                                                      keep_params, fast, loss_fn)
+    fp = None if record is None else record['fingerprint']
+    stored = {} if out_dir is None else _open_out_dir(Path(out_dir), record, len(starts), dev)
+    loss = per_example(loss_fn)
+    loss.check_targets(y, 0, 'y'); loss.check_targets(y_test, 0, 'y_test')
+    base = stack_losses(model, P0, B0, X_test, y_test, loss, fast=fast)[0]
+    if not torch.isfinite(base).all():
+        raise NonFiniteError(f"the loss at θ* (before retraining) is not finite for test point "
+                             f"{int((~torch.isfinite(base)).nonzero()[0])}: check the model and that test point")
     chunks = []
-    starts = range(0, K, max(chunk_size, 1))
     for c, s in enumerate(tqdm(starts, disable=not progress, desc='LOO chunks')):
-        path = None if out_dir is None else out_dir / f'chunk_{c:05d}.pt'
-        if path is not None and path.exists():
-            res = torch.load(path, map_location=dev)
-            if res['fingerprint'] != fp:
-                raise ValueError(f"{path} was written by a different run (data, model or settings); use a fresh out_dir")
-            chunks.append(res); continue
+        if c in stored: chunks.append(stored[c]); continue
+        path = None if out_dir is None else Path(out_dir) / f'chunk_{c:05d}.pt'
         rem = removed[s:s + chunk_size]
         W = removal_weights(n, rem, control=True, device=dev, dtype=dtype)
         P, Bf = stack_state(model, len(W))
         with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
             torch.manual_seed(cfg.seed * 100_003 + c)
-            train_stack(model, P, Bf, W, X, y, cfg, loss_fn, progress=progress, fast=fast)
-        L = stack_losses(model, P, Bf, X_test, y_test, loss_fn, fast=fast)
+            try: train_stack(model, P, Bf, W, X, y, cfg, loss, progress=progress, fast=fast)
+            except NonFiniteError as e:
+                if not hasattr(e, 'row'): raise
+                who = 'the control run' if e.row == 0 else f"the run without training example {int(rem[e.row - 1])}"
+                raise NonFiniteError(f"chunk {c}, step {e.step}: {who} had a non-finite training loss or parameters: "
+                                     f"{_NONFINITE_FIX}") from e
+        L = stack_losses(model, P, Bf, X_test, y_test, loss, fast=fast)
+        if not torch.isfinite(L).all():
+            k, t = (~torch.isfinite(L)).nonzero()[0].tolist()
+            who = 'the control run' if k == 0 else f"the run without training example {int(rem[k - 1])}"
+            raise NonFiniteError(f"chunk {c}: after retraining, {who} has a non-finite loss on test point {t}: {_NONFINITE_FIX}")
         dtheta = _flat(P) - theta
         res = dict(fingerprint=fp, removed=rem, control_losses=L[0], test_losses=L[1:],
                    control_param_change=dtheta[0] if keep_params else None,
                    param_change=dtheta[1:] if keep_params else None)
-        if path is not None:
-            tmp = path.with_suffix('.tmp'); torch.save(res, tmp); os.replace(tmp, path)
+        if path is not None: _atomic_write(path, lambda t: torch.save(res, t))
         chunks.append(res)
         if callback is not None: callback(c, res)
-    if not chunks: raise ValueError("nothing to retrain: `removed` is empty")
     test_losses = torch.cat([r['test_losses'] for r in chunks])
     ctrl_rows = torch.cat([r['control_losses'].expand(len(r['removed']), -1) for r in chunks])
     return LOOResult(removed=removed, base_losses=base, control_losses=chunks[0]['control_losses'],
@@ -328,13 +679,16 @@ class NoiseFloor:
 def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tensor, # θ*, train and test sets
                 cfg:RetrainConfig, # the retraining settings whose noise we measure
                 seeds=(1, 2, 3, 4, 5), # one minibatch order per control run
-                loss_fn=per_example_cross_entropy, progress:bool=False,
+                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                progress:bool=False, # show a tqdm bar over steps
                 fast:bool=True, # batched-matmul fast path for plain MLPs; False forces vmap
                ) -> NoiseFloor:
     "Retrain several controls from θ* that differ only in minibatch order (one stack) and collect their test losses."
-    dev = next(model.parameters()).device
-    X, y, X_test, y_test = X.to(dev), y.to(dev), X_test.to(dev), y_test.to(dev)
+    dev = _device(model)
+    X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev)
     seeds = [int(s) for s in seeds]
+    if not seeds: raise InfluenceError("seeds is empty: pass at least one minibatch-order seed (two or more for a spread)")
+    loss_fn = per_example(loss_fn)
     full_batch = cfg.batch_size is None or cfg.batch_size >= len(X)  # no order: all control runs are one run
     R = 1 if full_batch else len(seeds)
     P0, _ = stack_state(model, 1)
@@ -342,8 +696,15 @@ def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tenso
     P, Bf = stack_state(model, R)
     with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
         torch.manual_seed(cfg.seed)
-        train_stack(model, P, Bf, W, X, y, cfg, loss_fn, seeds=None if full_batch else seeds, progress=progress, fast=fast)
+        try: train_stack(model, P, Bf, W, X, y, cfg, loss_fn, seeds=None if full_batch else seeds, progress=progress, fast=fast)
+        except NonFiniteError as e:
+            if not hasattr(e, 'row'): raise
+            raise NonFiniteError(f"noise floor, control run with seed {seeds[e.row]}, step {e.step}: non-finite training loss "
+                                 f"or parameters: {_NONFINITE_FIX}") from e
     losses = stack_losses(model, P, Bf, X_test, y_test, loss_fn, fast=fast)
+    if not torch.isfinite(losses).all():
+        raise NonFiniteError(f"noise floor: a control run has a non-finite loss on test point "
+                             f"{int((~torch.isfinite(losses)).nonzero()[0, 1])}: {_NONFINITE_FIX}")
     return NoiseFloor(seeds=seeds, losses=losses.expand(len(seeds), -1).clone() if full_batch else losses)
 
 def above_noise(truth:Tensor, floor:NoiseFloor, z:float=2.0) -> Tensor:

@@ -327,3 +327,323 @@ def test_cuda_follows_model():
     gpu = loo_retrain(copy.deepcopy(net).cuda(), X, y, X[:3], y[:3], [0, 4], cfg, progress=False)
     assert gpu.truth.device.type == 'cuda'
     torch.testing.assert_close(gpu.truth.cpu(), cpu.truth, atol=1e-4, rtol=1e-4)
+
+
+# --- the loss fingerprint (issue 15: resumed runs must not mix losses) ------------------------------------------
+import functools, json, math, os, re, subprocess, sys, textwrap
+import torch.nn.functional as F
+from influence_nb.core import InfluenceError, NonFiniteError
+from influence_nb.retrain import loss_fingerprint, loss_description, as_removed, RemovedIndexError, per_example
+
+SCALE = 2.0
+
+
+def scaled_ce(o, t, s=1.0): return s * F.cross_entropy(o, t, reduction='none')
+
+
+def test_loss_fingerprint_tells_options_apart():
+    a, b = 0.5, 0.6
+    def closure(c): return lambda o, t: c * per_example_cross_entropy(o, t)
+    losses = [nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(label_smoothing=0.2),
+              nn.CrossEntropyLoss(reduction='none'), nn.CrossEntropyLoss(ignore_index=2),
+              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.])), nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 4.])),
+              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.], dtype=torch.float64)),
+              nn.HuberLoss(delta=1.), nn.HuberLoss(delta=2.), nn.SmoothL1Loss(beta=0.5), nn.MarginRankingLoss(margin=0.1),
+              lambda o, t: 0.5 * per_example_cross_entropy(o, t), lambda o, t: 0.6 * per_example_cross_entropy(o, t),
+              lambda o, t: a * per_example_cross_entropy(o, t), lambda o, t: b * per_example_cross_entropy(o, t),
+              closure(1.0), closure(3.0),
+              lambda o, t: SCALE * per_example_cross_entropy(o, t),      # a global constant, read by value
+              lambda o, t, s=1.5: s * per_example_cross_entropy(o, t),   # defaults
+              lambda o, t, s=2.5: s * per_example_cross_entropy(o, t),
+              lambda o, t: per_example_cross_entropy(o, t) + torch.tensor([1., 2.]).sum(),  # a nested constant
+              functools.partial(scaled_ce, s=2.0), functools.partial(scaled_ce, s=3.0), functools.partial(scaled_ce, 0),
+              scaled_ce, per_example_cross_entropy, F.cross_entropy,
+              functools.partial(F.cross_entropy, reduction='none', label_smoothing=0.1),
+              functools.partial(F.cross_entropy, reduction='none', label_smoothing=0.2)]
+    fps = [loss_fingerprint(f) for f in losses]
+    assert len(set(fps)) == len(fps)
+    # the same loss in a fresh object: the same fingerprint
+    assert loss_fingerprint(nn.CrossEntropyLoss(label_smoothing=0.1)) == fps[0]
+    assert loss_fingerprint(nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.]))) == fps[4]
+    assert loss_fingerprint(closure(1.0)) == fps[15]
+    assert loss_fingerprint(functools.partial(scaled_ce, s=2.0)) == fps[21]
+    assert loss_fingerprint(per_example(nn.CrossEntropyLoss(label_smoothing=0.1))) == fps[0]  # the wrapper is transparent
+    assert 'label_smoothing=0.1' in loss_description(losses[0]) and 'weight=tensor(shape=(3,)' in loss_description(losses[4])
+    assert 'lambda o, t: 0.5' in loss_description(losses[11])
+
+
+def test_loss_fingerprint_global_value_change():
+    global SCALE
+    f = lambda o, t: SCALE * per_example_cross_entropy(o, t)
+    before = loss_fingerprint(f)
+    try:
+        SCALE = 3.0
+        assert loss_fingerprint(f) != before
+    finally: SCALE = 2.0
+    assert loss_fingerprint(f) == before
+
+
+class Weird:
+    def __init__(self, a): self.a = a
+    def __call__(self, o, t): return self.a * per_example_cross_entropy(o, t)
+
+
+def test_loss_fingerprint_refuses_what_it_cannot_see():
+    w = Weird(2.0)
+    for bad, where in [(w, 'Weird'), (lambda o, t: w(o, t), "closure variable 'w'"),
+                       (functools.partial(scaled_ce, s=w), 'partial keywords'),
+                       (lambda o, t: per_example_cross_entropy(o, t) * torch.Generator().initial_seed(), None)]:
+        if where is None: loss_fingerprint(bad); continue  # torch.Generator is a class: read by name, fine
+        with pytest.raises(InfluenceError, match='nn loss module') as e: loss_fingerprint(bad)
+        assert where in str(e.value) and 'without out_dir' in str(e.value)
+
+
+SCRIPT = textwrap.dedent('''
+    import functools, json, torch, torch.nn.functional as F
+    from torch import nn
+    from influence_nb.retrain import loss_fingerprint, per_example_cross_entropy
+    K = 0.25
+    def make(c): return lambda o, t: c * F.cross_entropy(o, t, reduction='none') + K
+    def helper(o, t): return (o.squeeze(-1) - t) ** 2
+    losses = [nn.CrossEntropyLoss(label_smoothing=0.1, weight=torch.tensor([1., 2., 3.])), make(0.5),
+              lambda o, t, s=3: s * helper(o, t), functools.partial(F.cross_entropy, reduction='none', label_smoothing=0.2),
+              nn.Sequential(nn.Identity()), per_example_cross_entropy]
+    if WARM:  # run the lambdas many times first: the interpreter specialises their bytecode
+        for _ in range(200): losses[1](torch.randn(4, 3), torch.tensor([0, 1, 2, 0])); losses[2](torch.randn(4, 1), torch.randn(4))
+    print(json.dumps([loss_fingerprint(f) for f in losses]))
+''')
+
+
+def test_loss_fingerprint_stable_across_processes(tmp_path):
+    outs = []
+    for warm in (False, True):
+        p = tmp_path / f'fp_{warm}.py'
+        p.write_text(f'WARM = {warm}\n' + SCRIPT)
+        r = subprocess.run([sys.executable, str(p)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, 'PYTHONHASHSEED': str(1 + warm)})
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert outs[0] == outs[1] and len(set(outs[0])) == len(outs[0])
+    assert outs[0][0] == loss_fingerprint(nn.CrossEntropyLoss(label_smoothing=0.1, weight=torch.tensor([1., 2., 3.])))
+    assert outs[0][-1] == loss_fingerprint(per_example_cross_entropy)
+
+
+# --- resume never mixes runs and never rewrites config.json when it refuses ------------------------------------------
+def small_run(out_dir, loss_fn=per_example_cross_entropy, cfg=None, **kw):
+    X, y = data(20)
+    return loo_retrain(mlp(5), X, y, X[:3], y[:3], [1, 2, 7], cfg or RetrainConfig(steps=4, lr=0.1), loss_fn=loss_fn,
+                       chunk_size=2, out_dir=out_dir, progress=False, **kw)
+
+
+def snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize('first,second,says', [
+    (nn.CrossEntropyLoss(label_smoothing=0.1, reduction='none'), nn.CrossEntropyLoss(label_smoothing=0.2, reduction='none'),
+     'label_smoothing=0.2'),
+    (nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.]), reduction='none'),
+     nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 4.]), reduction='none'), 'same description, different contents'),
+    (lambda o, t: 0.5 * per_example_cross_entropy(o, t), lambda o, t: 0.6 * per_example_cross_entropy(o, t), '0.6'),
+])
+def test_refused_resume_leaves_folder_byte_identical(tmp_path, first, second, says):
+    small_run(tmp_path, first)
+    before = snapshot(tmp_path)
+    assert set(before) == {'config.json', 'chunk_00000.pt', 'chunk_00001.pt'}  # no temporary files left behind
+    with pytest.raises(InfluenceError, match='different run') as e: small_run(tmp_path, second)
+    msg = str(e.value)
+    assert msg.count('loss:') == 1 and says in msg and 'fresh out_dir' in msg and 'delete' in msg
+    assert snapshot(tmp_path) == before
+
+
+def test_refusal_names_each_setting(tmp_path):
+    small_run(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(InfluenceError) as e: small_run(tmp_path, cfg=RetrainConfig(steps=4, lr=0.2, momentum=0.5))
+    assert 'cfg.lr: 0.1 -> 0.2' in str(e.value) and 'cfg.momentum: 0.0 -> 0.5' in str(e.value) and 'loss' not in str(e.value)
+    X, y = data(20)
+    with pytest.raises(InfluenceError, match='model') as e:
+        loo_retrain(mlp(6), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2, out_dir=tmp_path, progress=False)
+    with pytest.raises(InfluenceError, match='test_data'):
+        loo_retrain(mlp(5), X, y, X[:4], y[:4], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2, out_dir=tmp_path, progress=False)
+    with pytest.raises(InfluenceError, match='chunk_size: 2 -> 3'):
+        loo_retrain(mlp(5), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=3, out_dir=tmp_path, progress=False)
+    assert snapshot(tmp_path) == before
+
+
+def test_config_describes_the_loss(tmp_path):
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1, reduction='none')
+    small_run(tmp_path, loss)
+    cfg = json.loads((tmp_path / 'config.json').read_text())
+    assert cfg['loss'] == dict(description=loss_description(loss), fingerprint=loss_fingerprint(loss))
+    assert 'label_smoothing=0.1' in cfg['loss']['description'] and cfg['cfg']['lr'] == 0.1 and cfg['chunk_size'] == 2
+
+
+def test_chunks_checked_when_config_is_gone(tmp_path):
+    small_run(tmp_path, nn.CrossEntropyLoss(label_smoothing=0.1, reduction='none'))
+    (tmp_path / 'config.json').unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(InfluenceError, match='chunk_00000.pt was written by a different run'):
+        small_run(tmp_path, nn.CrossEntropyLoss(label_smoothing=0.2, reduction='none'))
+    assert snapshot(tmp_path) == before  # config.json not recreated for chunks it does not describe
+    (tmp_path / 'chunk_00001.pt').write_bytes(b'garbage')
+    with pytest.raises(InfluenceError, match='delete that file'):
+        small_run(tmp_path, nn.CrossEntropyLoss(label_smoothing=0.1, reduction='none'))
+
+
+def test_unfingerprintable_loss_refused_only_with_out_dir(tmp_path):
+    w = Weird(1.0)
+    X, y = data(20)
+    r = loo_retrain(mlp(5), X, y, X[:3], y[:3], [1], RetrainConfig(steps=2, lr=0.1), loss_fn=w, progress=False)
+    assert r.truth.shape == (1, 3)
+    with pytest.raises(InfluenceError, match='run without out_dir'): small_run(tmp_path / 'x', w)
+    assert not (tmp_path / 'x').exists()
+
+
+def test_resume_with_fresh_identical_lambda_reuses_chunks(tmp_path):
+    make = lambda c: (lambda o, t: c * per_example_cross_entropy(o, t))
+    X, y = data(30)
+    cfg = RetrainConfig(steps=10, lr=0.2, batch_size=8, momentum=0.9, seed=3)
+    full = loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2, progress=False)
+
+    def crash(c, res):
+        if c == 1: raise Crash()
+    with pytest.raises(Crash):
+        loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2, out_dir=tmp_path,
+                    callback=crash, progress=False)
+    trained = []
+    res = loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2, out_dir=tmp_path,
+                      callback=lambda c, r: trained.append(c), progress=False)
+    assert trained == [2]
+    assert torch.equal(res.truth, full.truth) and torch.equal(res.param_change, full.param_change)
+
+
+# --- losses that are not per-example: routed through core.per_example_loss --------------------------------------
+@pytest.mark.parametrize('fast', [True, False])
+def test_mean_and_none_cross_entropy_match_per_example(fast):
+    X, y = data(30)
+    cfg = RetrainConfig(steps=12, lr=0.3, weight_decay=1e-2, momentum=0.5, batch_size=8, seed=2)
+    ref = loo_retrain(mlp(3), X, y, X[:6], y[:6], [0, 4, 9], cfg, chunk_size=2, progress=False, fast=fast)
+    for loss in [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction='none'), lambda o, t: F.cross_entropy(o, t)]:
+        r = loo_retrain(mlp(3), X, y, X[:6], y[:6], [0, 4, 9], cfg, loss_fn=loss, chunk_size=2, progress=False, fast=fast)
+        torch.testing.assert_close(r.truth, ref.truth, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r.param_change, ref.param_change, atol=1e-6, rtol=1e-5)
+    nf = noise_floor(mlp(3), X, y, X[:6], y[:6], cfg, seeds=[1, 2], loss_fn=nn.CrossEntropyLoss(), fast=fast)
+    torch.testing.assert_close(nf.losses, noise_floor(mlp(3), X, y, X[:6], y[:6], cfg, seeds=[1, 2], fast=fast).losses)
+    m1 = retrain_sequential(mlp(3), X, y, torch.ones(30), cfg, loss_fn=nn.CrossEntropyLoss())
+    m2 = retrain_sequential(mlp(3), X, y, torch.ones(30), cfg)
+    torch.testing.assert_close(m1[0].weight, m2[0].weight)
+
+
+def test_cross_entropy_module_takes_fast_path(monkeypatch):
+    X, y = data(20)
+    no_vmap(monkeypatch)
+    loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1), loss_fn=nn.CrossEntropyLoss(), progress=False)
+
+
+def test_mean_mse_regression():
+    X, _ = data(25)
+    t = (X @ torch.tensor([1., -1., .5, 2.]))[:, None]
+    cfg = RetrainConfig(steps=20, lr=0.05, batch_size=10)
+    net = nn.Linear(4, 1)
+    a = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=nn.MSELoss(), progress=False)
+    b = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=lambda o, y: ((o - y) ** 2).squeeze(-1), progress=False)
+    torch.testing.assert_close(a.truth, b.truth)
+
+
+@pytest.mark.parametrize('loss,says', [
+    (nn.CrossEntropyLoss(reduction='sum'), "reduction='sum'"),
+    (nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.])), 'class-weighted mean'),
+    (lambda o, t: F.cross_entropy(o, t, reduction='sum'), 'sums over the batch'),
+    (lambda o, t: F.cross_entropy(o, t)[None].expand(2), 'losses of shape (2,)'),
+])
+def test_non_mean_losses_refused(loss, says):
+    X, y = data(20)
+    for call in [lambda: loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1), loss_fn=loss, progress=False),
+                 lambda: noise_floor(mlp(1), X, y, X[:3], y[:3], RetrainConfig(steps=3, lr=0.1, batch_size=5), loss_fn=loss),
+                 lambda: retrain_sequential(mlp(1), X, y, torch.ones(20), RetrainConfig(steps=3, lr=0.1), loss_fn=loss)]:
+        with pytest.raises(InfluenceError, match=re.escape(says)): call()
+
+
+def test_ignored_targets_refused():
+    X, y = data(20)
+    with pytest.raises(InfluenceError, match='ignore_index'):
+        loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1),
+                    loss_fn=nn.CrossEntropyLoss(ignore_index=int(y[5])), progress=False)
+
+
+# --- other misuse at the entry points ---------------------------------------------------------------------------
+CFG = RetrainConfig(steps=3, lr=0.1)
+
+
+@pytest.mark.parametrize('kw,err,says', [
+    (dict(removed=[20]), IndexError, r'\[0, 20\)'),
+    (dict(removed=[-1]), RemovedIndexError, r'\[0, 20\)'),
+    (dict(removed=[]), InfluenceError, 'is empty'),
+    (dict(removed=torch.zeros(20, dtype=torch.bool)), InfluenceError, 'mask.nonzero'),
+    (dict(removed=[1.5]), InfluenceError, 'integer indices'),
+    (dict(chunk_size=0), InfluenceError, 'chunk_size must be a whole number >= 1'),
+    (dict(chunk_size=-2), InfluenceError, 'chunk_size'),
+    (dict(chunk_size=1.5), InfluenceError, 'chunk_size'),
+    (dict(y=torch.zeros(19, dtype=torch.long)), InfluenceError, 'X has 20 rows but y has 19'),
+    (dict(X_test=torch.zeros(3, 5)), InfluenceError, 'X_test has examples of shape \\(5,\\)'),
+    (dict(y_test=torch.zeros(2, dtype=torch.long)), InfluenceError, 'X_test has 3 rows but y_test has 2'),
+    (dict(y_test=torch.zeros(3)), InfluenceError, "training targets' kind"),
+    (dict(X_test=torch.zeros(0, 4), y_test=torch.zeros(0, dtype=torch.long)), InfluenceError, 'X_test is empty'),
+    (dict(X=torch.zeros(20, 4).index_fill_(0, torch.tensor([7]), math.nan)), NonFiniteError, 'row 7'),
+    (dict(X=[[0.] * 4] * 20), InfluenceError, 'must be a torch.Tensor'),
+    (dict(model=nn.ReLU()), InfluenceError, 'no parameters'),
+])
+def test_loo_retrain_misuse(tmp_path, kw, err, says):
+    X, y = data(20)
+    args = dict(model=mlp(1), X=X, y=y, X_test=X[:3], y_test=y[:3], removed=[2], cfg=CFG)
+    args.update(kw)
+    with pytest.raises(err, match=says):
+        loo_retrain(**args, out_dir=tmp_path / 'out', progress=False)
+    assert not (tmp_path / 'out').exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize('field,value', [('steps', -1), ('steps', 2.5), ('lr', 0.), ('lr', math.nan), ('weight_decay', -1e-3),
+                                         ('momentum', 1.0), ('batch_size', 0), ('seed', 0.5)])
+def test_retrain_config_refuses(field, value):
+    with pytest.raises(InfluenceError, match=f'{field}='):
+        RetrainConfig(**{'steps': 3, 'lr': 0.1, field: value})
+
+
+def test_train_stack_shape_misuse():
+    X, y = data(20)
+    net = mlp(1)
+    with pytest.raises(InfluenceError, match=r'shape \(2, 20\)'): train_stack(net, *stack_state(net, 2), torch.ones(2, 19), X, y, CFG)
+    with pytest.raises(InfluenceError, match='stack_state\\(model, 3\\)'): train_stack(net, *stack_state(net, 2), torch.ones(3, 20), X, y, CFG)
+    with pytest.raises(InfluenceError, match=r'shape \(20,\)'): retrain_sequential(net, X, y, torch.ones(2, 20), CFG)
+
+
+def test_non_finite_training_named():
+    X, _ = data(20)
+    t = X.sum(1)
+    sq = lambda o, y: (o.squeeze(-1) - y) ** 2
+    diverge = RetrainConfig(steps=200, lr=5.0)
+    with pytest.raises(NonFiniteError, match=r'chunk 0, step \d+: the control run') as e:
+        loo_retrain(nn.Linear(4, 1), X, t, X[:3], t[:3], [2], diverge, loss_fn=sq, progress=False)
+    assert 'lower cfg.lr' in str(e.value)
+    with pytest.raises(NonFiniteError, match=r'control run with seed \d, step \d+'):
+        noise_floor(nn.Linear(4, 1), X, t, X[:3], t[:3], RetrainConfig(steps=200, lr=5.0, batch_size=5), seeds=[1, 2], loss_fn=sq)
+    with pytest.raises(NonFiniteError, match=r'step \d+'):
+        retrain_sequential(nn.Linear(4, 1), X, t, torch.ones(20), diverge, loss_fn=sq)
+    # one example's loss is infinite from the start: step 0, and the run that removes it is fine
+    X, y = data(20)
+    y = y.clone(); y[3] = 3  # a label only example 3 has, whose loss is infinite
+    bad = lambda o, t: per_example_cross_entropy(o, t.clamp(max=2)) / (t != 3).float()
+    with pytest.raises(NonFiniteError, match='chunk 0, step 0'):
+        loo_retrain(mlp(1), X, y, X[:3], y[:3], [3], RetrainConfig(steps=3, lr=0.1), loss_fn=bad, progress=False, fast=False)
+    with pytest.raises(NonFiniteError, match='step 0, training example 3'):
+        retrain_sequential(mlp(1), X, y, torch.ones(20), RetrainConfig(steps=3, lr=0.1), loss_fn=bad)
+
+
+def test_non_finite_chunk_not_stored(tmp_path):
+    X, _ = data(20)
+    t = X.sum(1)
+    sq = lambda o, y: (o.squeeze(-1) - y) ** 2
+    with pytest.raises(NonFiniteError):
+        loo_retrain(nn.Linear(4, 1), X, t, X[:3], t[:3], [2], RetrainConfig(steps=200, lr=5.0), loss_fn=sq, out_dir=tmp_path, progress=False)
+    assert not list(tmp_path.glob('chunk_*'))
