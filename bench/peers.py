@@ -115,10 +115,11 @@ def method_fn(case, method, settings):
         from influence_nb.core import Influence
         from influence_nb.ihvp import CGSolver, BlockCGSolver, LissaSolver
         solver = {"ours_exact": lambda: "exact",
-                  "ours_cg": lambda: CGSolver(**settings["cg"], warn=False),
-                  "ours_cg_block": lambda: BlockCGSolver(**settings["cg"], warn=False),
+                  "ours_cg": lambda: CGSolver(**settings["cg"], on_fail="ignore"),
+                  "ours_cg_block": lambda: BlockCGSolver(**settings["cg"], on_fail="ignore"),
                   "ours_lissa": lambda: LissaSolver(depth=settings["lissa"]["depth"], batch_size=settings["lissa"]["batch_size"],
-                                                    scale=lissa_scale(case), repeats=1, seed=0)}[method]()
+                                                    scale=lissa_scale(case), repeats=1, seed=0,
+                                                    on_fail="ignore")}[method]()
         hd = None if case.hessian_idx is None else (hX, hy)
         def run():
             inf = Influence(case.model, F, (case.X_train, case.y_train), weight_decay=lam, damping=delta, solver=solver,

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['hvp_operator', 'top_eigenvalue', 'bottom_eigenvalue', 'power_iteration', 'CGSolver', 'BlockCGSolver', 'minibatches',
-           'batch_top_eigenvalue', 'LissaDivergence', 'LissaSolver', 'peak_memory']
+           'batch_top_eigenvalue', 'LissaDivergence', 'LissaOverflow', 'LissaSolver', 'peak_memory']
 
 # %% ../nbs/03_ihvp.ipynb #79148425
-import math, warnings, os, gc, threading, ctypes
+import math, warnings, os, gc, threading, ctypes, functools, inspect
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,10 +21,14 @@ from .core import *
 # %% ../nbs/03_ihvp.ipynb #4421fa0b
 def hvp_operator(inf, shift: float = 0.) -> LinearOperator:
     "The map v ↦ (H + shift·I) v as a (p, p) scipy LinearOperator in float64, one full-data HVP pass per product."
-    p = inf.num_params
+    p, calls = inf.num_params, [0]
     def mv(v):
         V = torch.as_tensor(np.asarray(v, dtype=np.float64).T.reshape(-1, p), device=inf.device).to(inf.dtype)
         out = inf.hvp(V) + shift * V
+        calls[0] += 1
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(f"hvp_operator (Lanczos, top/bottom eigenvalue): the Hessian-vector product of call {calls[0]} "
+                                 "is not finite: check the model and the training data (an Inf input, a NaN weight)")
         return out.detach().cpu().double().numpy().T.reshape(np.shape(v))
     return LinearOperator((p, p), matvec=mv, matmat=mv, dtype=np.float64)
 
@@ -62,7 +66,8 @@ def power_iteration(matvec, dim: int, *, iters: int = 100, tol: float = 1e-4, se
     for i in range(iters):
         w = matvec(v)
         new, nw = float(v @ w), w.norm()
-        if not torch.isfinite(nw): raise NonFiniteError("power iteration: a matrix-vector product is not finite")
+        if not torch.isfinite(nw):
+            raise NonFiniteError(f"power_iteration: the matrix-vector product of iteration {i} is not finite")
         if nw == 0: return 0., v
         v = w / nw
         if i > 0 and abs(new - lam) <= tol * abs(new): return new, v
@@ -75,16 +80,50 @@ def _damped_hvp(inf, V: Tensor) -> Tensor:
     return inf.hvp(V) + inf.damping * V
 
 
+def _check_options(init):
+    "Decorate a solver's `__init__`: an unknown or missing option is an InfluenceError listing the options there are."
+    sig = inspect.signature(init)
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        try: sig.bind(self, *args, **kwargs)
+        except TypeError as e:
+            opts = ", ".join(n for n in sig.parameters if n != "self")
+            raise InfluenceError(f"{self.name}: {e}; the options of solver={self.name!r} are: {opts}") from None
+        init(self, *args, **kwargs)
+    return wrapper
+
+
+def _check_tol(name: str, tol) -> float:
+    "A tolerance must be a finite number > 0."
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise InfluenceError(f"{name}: tol must be a finite number > 0 (a relative residual, e.g. 1e-8), got {tol!r}")
+    return float(tol)
+
+
+def _check_int(name: str, what: str, v) -> int:
+    "A count option must be an int >= 1 (not a float, not a bool)."
+    if isinstance(v, bool) or not (isinstance(v, int) and v >= 1):
+        raise InfluenceError(f"{name}: {what} must be an int >= 1, got {v!r}")
+    return v
+
+
 @register_solver
 class CGSolver(IHVPSolver):
     "Conjugate gradient on (H + δI) x = v: one independent CG per right-hand side, all advanced together by full-data HVPs."
     name = "cg"
-    def __init__(self, tol: float = 1e-8, max_iter: int = 1000, warn: bool = True):
-        if not (isinstance(tol, (int, float)) and tol > 0):
-            raise InfluenceError(f"{self.name}: tol must be a number > 0, got {tol!r}")
-        if not (isinstance(max_iter, int) and max_iter >= 1):
-            raise InfluenceError(f"{self.name}: max_iter must be an int >= 1, got {max_iter!r}")
-        self.tol, self.max_iter, self.warn = tol, max_iter, warn
+    @_check_options
+    def __init__(self,
+                 tol: float = 1e-8, # stop when the relative residual ||(H+δI)x-v||/||v|| of every column is below it
+                 max_iter: int = 1000, # at most this many iterations (full-data HVP passes)
+                 warn: bool | None = None, # the old spelling: warn=False means on_fail='ignore'
+                 on_fail: str = "warn", # not converged: 'warn' (NotConvergedWarning), 'raise' (NotConvergedError) or 'ignore'
+                ):
+        self.tol, self.max_iter = _check_tol(self.name, tol), _check_int(self.name, "max_iter", max_iter)
+        check_on_fail(on_fail, self.name)
+        if warn is False:
+            if on_fail == "raise": raise InfluenceError(f"{self.name}: warn=False contradicts on_fail='raise'; pass on_fail only")
+            on_fail = "ignore"
+        self.on_fail = on_fail
 
     def solve(self, inf, V):
         V = V.to(inf.dtype)
@@ -99,7 +138,9 @@ class CGSolver(IHVPSolver):
             AP = torch.zeros_like(P)
             AP[idx] = _damped_hvp(inf, P[idx])
             hvps += len(idx)
-            if not torch.isfinite(AP).all(): raise NonFiniteError("cg: a Hessian-vector product is not finite")
+            if not torch.isfinite(AP).all():
+                raise NonFiniteError(f"cg: a Hessian-vector product is not finite at iteration {it}: check the model and the "
+                                     "training data (an Inf input, a NaN weight)")
             pAp = (P * AP).sum(1)
             bad = active & (pAp <= 0)
             if bad.any():
@@ -121,16 +162,17 @@ class CGSolver(IHVPSolver):
         return self._finish(inf, X, V, it, hist, hvps=hvps)
 
     def _finish(self, inf, X, V, it, hist, **details):
-        "The true residual (one more pass), a warning if some column did not converge, and the SolveInfo."
+        "The true residual (one more pass), the SolveInfo, and `report_convergence` on it (warn, raise or ignore)."
         res = relative_residual(_damped_hvp(inf, X), X, V)
-        if not math.isfinite(res): raise NonFiniteError(f"{self.name}: the solution is not finite")
-        converged = not bool((hist[-1] > self.tol).any())
-        if not converged and self.warn:
-            warnings.warn(f"{self.name}: not converged after max_iter={self.max_iter} iterations: relative residual "
-                          f"{res:.2e} > tol={self.tol:g}; raise max_iter or the damping (δ={inf.damping:g})")
-        return X, SolveInfo(self.name, inf.damping, inf.weight_decay, res, it,
-                            details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol,
-                                     "max_iter": self.max_iter, "converged": converged, **details})
+        if not math.isfinite(res): raise NonFiniteError(f"{self.name}: the solution is not finite after iteration {it}")
+        info = SolveInfo(self.name, inf.damping, inf.weight_decay, res, it,
+                         details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol, "max_iter": self.max_iter,
+                                  **details})
+        report_convergence(info, self.tol, self.on_fail,
+                           f"{it} iterations of max_iter={self.max_iter} ran: raise max_iter, or the damping (a larger δ "
+                           "lowers the condition number of H + δI, and changes the problem solved)")
+        info.details["converged"] = info.converged          # the former place of the flag, kept for old callers
+        return X, info
 
 # %% ../nbs/03_ihvp.ipynb #f69e6611
 def _orth_rows(M: Tensor, rank_tol: float) -> Tensor:
@@ -144,8 +186,18 @@ def _orth_rows(M: Tensor, rank_tol: float) -> Tensor:
 class BlockCGSolver(CGSolver):
     "Block conjugate gradient on (H + δI) X = V: all right-hand sides share one growing Krylov space (breakdown-free)."
     name = "block_cg"
-    def __init__(self, tol: float = 1e-8, max_iter: int = 1000, warn: bool = True, rank_tol: float | None = None):
-        super().__init__(tol, max_iter, warn)
+    @_check_options
+    def __init__(self,
+                 tol: float = 1e-8, # stop when the relative residual of every column is below it
+                 max_iter: int = 1000, # at most this many block iterations
+                 warn: bool | None = None, # the old spelling: warn=False means on_fail='ignore'
+                 rank_tol: float | None = None, # drop search directions below rank_tol × the largest (None: √eps of the dtype); in (0, 1)
+                 on_fail: str = "warn", # not converged: 'warn', 'raise' or 'ignore'
+                ):
+        CGSolver.__init__.__wrapped__(self, tol, max_iter, warn, on_fail)
+        if rank_tol is not None and (isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float))
+                                     or not 0 < rank_tol < 1):
+            raise InfluenceError(f"{self.name}: rank_tol must be a number in (0, 1) (or None for √eps), got {rank_tol!r}")
         self.rank_tol = rank_tol
 
     def solve(self, inf, V):
@@ -157,7 +209,9 @@ class BlockCGSolver(CGSolver):
         P = _orth_rows(R[hist[-1] > self.tol], rank_tol)
         while bool((hist[-1] > self.tol).any()) and it < self.max_iter and len(P):
             Q = _damped_hvp(inf, P)                              # (r, p): one pass, r ≤ number of active columns
-            if not torch.isfinite(Q).all(): raise NonFiniteError("block_cg: a Hessian-vector product is not finite")
+            if not torch.isfinite(Q).all():
+                raise NonFiniteError(f"block_cg: a Hessian-vector product is not finite at iteration {it}: check the model "
+                                     "and the training data (an Inf input, a NaN weight)")
             hvps += len(P)
             PtQ = P @ Q.T
             PtQ = (PtQ + PtQ.T) / 2                              # Pᵀ(H+δI)P, symmetric
@@ -225,27 +279,48 @@ class LissaDivergence(InfluenceError):
         super().__init__(msg)
         self.scale, self.top_eigenvalue, self.step = scale, top_eigenvalue, step
 
+
+class LissaOverflow(LissaDivergence, NonFiniteError):
+    "LiSSA's iterate overflowed to Inf or NaN while every HVP was finite: a divergence that is also a NonFiniteError."
+
 # %% ../nbs/03_ihvp.ipynb #966f73dd
 @register_solver
 class LissaSolver(IHVPSolver):
     "LiSSA: x_j = v + x_{j-1} - (H_B + δI) x_{j-1}/scale on random minibatches B; x_depth/scale, averaged over repeats."
     name = "lissa"
-    def __init__(self, depth: int = 1000, repeats: int = 1, batch_size: int = 32, scale: float | None = None,
-                 seed: int = 0, scale_margin: float = 1.1, scale_probes: int = 5, max_growth: float = 10.,
-                 progress: bool = False, checkpoints: Sequence[int] = ()):
-        for nm, v in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size)):
-            if not (isinstance(v, int) and v >= 1): raise InfluenceError(f"lissa: {nm} must be an int >= 1, got {v!r}")
-        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    @_check_options
+    def __init__(self,
+                 depth: int = 1000, # steps of the recursion per repeat (one minibatch HVP each)
+                 repeats: int = 1, # independent runs averaged
+                 batch_size: int = 32, # minibatch size; at least the training-set size means the whole set every step
+                 scale: float | None = None, # None: chosen from the spectrum (see `choose_scale`)
+                 seed: int = 0, # seed of the minibatch draws
+                 scale_margin: float = 1.1, # the chosen scale is this factor above the largest top eigenvalue seen
+                 scale_probes: int = 5, # minibatches probed for their top eigenvalue when choosing the scale
+                 max_growth: float = 10., # stop as diverged when ||x_j|| > max_growth × (j + 1) × ||v||
+                 progress: bool = False, # show a tqdm progress bar
+                 checkpoints: Sequence[int] = (), # also keep the estimate at these depths (in details)
+                 tol: float = 0.5, # largest acceptable true relative residual ||(H+δI)x-v||/||v|| (see "When LiSSA has failed")
+                 on_fail: str = "warn", # residual above tol: 'warn' (NotConvergedWarning), 'raise' (NotConvergedError) or 'ignore'
+                ):
+        for nm, v in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size), ("scale_probes", scale_probes)):
+            _check_int("lissa", nm, v)
+        if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0)):
             raise InfluenceError(f"lissa: scale must be a finite number > 0 (or None to choose it), got {scale!r}")
         if not scale_margin >= 1: raise InfluenceError(f"lissa: scale_margin must be >= 1, got {scale_margin!r}")
+        if not max_growth > 0: raise InfluenceError(f"lissa: max_growth must be > 0 (inf disables the check), got {max_growth!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int): raise InfluenceError(f"lissa: seed must be an int, got {seed!r}")
+        self.tol, self.on_fail = _check_tol("lissa", tol), check_on_fail(on_fail, "lissa")
         self.depth, self.repeats, self.batch_size, self.scale, self.seed = depth, repeats, batch_size, scale, seed
         self.scale_margin, self.scale_probes, self.max_growth, self.progress = scale_margin, scale_probes, max_growth, progress
         self.checkpoints = sorted({int(c) for c in checkpoints if 1 <= int(c) <= depth})
 
     def choose_scale(self, inf) -> tuple[float, dict]:
         "scale = margin × (the larger top eigenvalue of H and of a few minibatch Hessians H_B) + δ."
-        top = top_eigenvalue(inf, tol=1e-4)
-        btop = batch_top_eigenvalue(inf, self.batch_size, self.scale_probes, self.seed)
+        try:
+            top = top_eigenvalue(inf, tol=1e-4)
+            btop = batch_top_eigenvalue(inf, self.batch_size, self.scale_probes, self.seed)
+        except NonFiniteError as e: raise NonFiniteError(f"lissa: choosing the scale: {e}") from None
         return self.scale_margin * (max(top, btop) + inf.damping), {"top_eigenvalue": top, "batch_top_eigenvalue": btop}
 
     def _diverged(self, inf, scale, step, r, growth, est):
@@ -268,7 +343,8 @@ class LissaSolver(IHVPSolver):
                 why = (f"scale={scale:g} is large enough for the full Hessian (top eigenvalue of H + δI {A_top:.4g} < 2 × scale) "
                        f"and H + δI is positive definite (smallest eigenvalue {bot + inf.damping:.3e}), so minibatch Hessians of "
                        f"batch_size={self.batch_size} drove the growth: increase the scale, the batch size or the damping.")
-        return LissaDivergence(f"lissa diverged at step {step} of depth {self.depth} (repeat {r}): ||x_j|| {what}. {why}",
+        cls = LissaDivergence if math.isfinite(growth) else LissaOverflow
+        return cls(f"lissa diverged at step {step} of depth {self.depth} (repeat {r}): ||x_j|| {what}. {why}",
                                scale=scale, top_eigenvalue=top, step=step)
 
     def solve(self, inf, V):
@@ -289,7 +365,12 @@ class LissaSolver(IHVPSolver):
                     x, h = V.clone(), [(0, 1.0)]
                     for j in range(1, self.depth + 1):
                         xb, yb = next(stream)
-                        x = V + x - (inf.batch_hvp(x, xb, yb) + inf.damping * x) / scale
+                        hv = inf.batch_hvp(x, xb, yb)
+                        if not torch.isfinite(hv).all():
+                            raise NonFiniteError(f"lissa: the minibatch Hessian-vector product of step {j} (repeat {r}) is "
+                                                 "not finite while the iterate is: check the model and the training data "
+                                                 "(an Inf input, a NaN weight)")
+                        x = V + x - (hv + inf.damping * x) / scale
                         growth = float((x.norm(dim=1) / vnorm).max())
                         if not math.isfinite(growth) or growth > self.max_growth * (j + 1):
                             raise self._diverged(inf, scale, j, r, growth, est)
@@ -302,13 +383,23 @@ class LissaSolver(IHVPSolver):
             if bar is not None: bar.close()
         X = total / self.repeats
         res = relative_residual(_damped_hvp(inf, X), X, V)            # one extra full-data pass
-        if not math.isfinite(res): raise NonFiniteError("lissa: the solution is not finite")
+        if not math.isfinite(res): raise NonFiniteError(f"lissa: the solution is not finite after depth {self.depth}")
         spread = (float((torch.stack(ests).std(0).norm(dim=1) / X.norm(dim=1).clamp_min(1e-300)).max())
                   if self.repeats > 1 else float("nan"))
-        return X, SolveInfo("lissa", inf.damping, inf.weight_decay, res, self.depth * self.repeats,
-                            details={"scale": scale, "depth": self.depth, "repeats": self.repeats,
-                                     "batch_size": self.batch_size, "seed": self.seed, **est, "norm_history": hist,
-                                     "repeat_spread": spread, "checkpoints": snaps})
+        info = SolveInfo("lissa", inf.damping, inf.weight_decay, res, self.depth * self.repeats,
+                         details={"scale": scale, "depth": self.depth, "repeats": self.repeats,
+                                  "batch_size": self.batch_size, "seed": self.seed, **est, "norm_history": hist,
+                                  "repeat_spread": spread, "checkpoints": snaps, "tol": self.tol})
+        return X, report_convergence(info, self.tol, self.on_fail, self._hint(inf, scale, est))
+
+    def _hint(self, inf, scale, est) -> str:
+        "What to change when the residual is above tol: depth, scale, damping, batch size, repeats."
+        where = (f"chosen as {self.scale_margin:g} × (top eigenvalue {max(est['top_eigenvalue'], est['batch_top_eigenvalue']):.4g}"
+                 f" of H or a batch-{self.batch_size} Hessian + δ)" if est else "as given")
+        return (f"raise depth (now {self.depth}): LiSSA needs about scale/λmin(H + δI) steps; scale={scale:.4g} ({where}): "
+                f"a scale far above the top eigenvalue of H + δI slows it in proportion (scale=None chooses one); raise the "
+                f"damping (δ={inf.damping:g}) on an ill-conditioned H; raise batch_size (now {self.batch_size}) or repeats "
+                f"(now {self.repeats}) to average the minibatch noise")
 
 # %% ../nbs/03_ihvp.ipynb #891cb4b1
 def _rss() -> int:

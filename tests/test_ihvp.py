@@ -6,9 +6,11 @@ from torch import nn
 from sklearn.datasets import load_iris
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from influence_nb.core import Influence, ExactSolver, HessianNotPositiveDefinite, influence_scores
-from influence_nb.ihvp import (CGSolver, BlockCGSolver, LissaSolver, LissaDivergence, top_eigenvalue, bottom_eigenvalue,
-                               power_iteration, peak_memory, minibatches)
+import math
+from influence_nb.core import (Influence, ExactSolver, HessianNotPositiveDefinite, influence_scores, SOLVERS, make_solver,
+                               InfluenceError, NonFiniteError, NotConvergedWarning, NotConvergedError)
+from influence_nb.ihvp import (CGSolver, BlockCGSolver, LissaSolver, LissaDivergence, LissaOverflow, top_eigenvalue,
+                               bottom_eigenvalue, power_iteration, peak_memory, minibatches)
 
 torch.set_num_threads(1)
 CE = nn.CrossEntropyLoss()
@@ -66,9 +68,9 @@ def test_cg_refuses_indefinite_and_reports_cap(setup):
     with pytest.raises(HessianNotPositiveDefinite, match="pass damping >"):
         CGSolver().solve(inf0, inf0.grad_matrix(train)[:3])
     inf = Influence(m, CE, train, weight_decay=1e-3, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="not converged after max_iter=3"):
+    with pytest.warns(NotConvergedWarning, match="max_iter=3"):
         _, info = CGSolver(max_iter=3).solve(inf, G)
-    assert not info.details["converged"] and info.iterations == 3
+    assert info.converged is False and not info.details["converged"] and info.iterations == 3
 
 
 def test_solver_names_reach_the_engine(setup):
@@ -79,7 +81,7 @@ def test_solver_names_reach_the_engine(setup):
     assert info.solver == "cg"
     torch.testing.assert_close(cg, exact, rtol=1e-6, atol=1e-9 * float(exact.abs().max()))
     s, info = influence_scores(m, CE, train, test, weight_decay=1e-3, damping=0.01, dtype=torch.float64,
-                               solver="lissa", depth=50, return_info=True)
+                               solver="lissa", depth=50, on_fail="ignore", return_info=True)
     assert info.solver == "lissa" and info.details["depth"] == 50 and torch.isfinite(s).all()
     import math; assert math.isfinite(info.residual)
 
@@ -102,6 +104,7 @@ def test_lissa_reaches_tolerance_minibatch(setup):
     rel = float(((X - Xe).norm(dim=1) / Xe.norm(dim=1)).max())
     assert rel < 0.1, rel
     assert info.details["scale"] > info.details["top_eigenvalue"]
+    assert info.converged and info.residual < info.details["tol"]          # a healthy run: no warning
 
 
 def test_lissa_small_scale_detected(setup):
@@ -116,14 +119,15 @@ def test_lissa_small_scale_detected(setup):
 def test_lissa_never_returns_nan(setup):
     "Even when max_growth is disabled, non-finite iterates are stopped."
     _, inf, _, _, G = setup
-    with pytest.raises(LissaDivergence, match="not finite"):
+    with pytest.raises(LissaDivergence, match="not finite") as e:
         LissaSolver(depth=5000, scale=top_eigenvalue(inf) / 10, max_growth=float("inf")).solve(inf, G[:1])
+    assert isinstance(e.value, NonFiniteError) and isinstance(e.value, LissaOverflow)
 
 
 def test_lissa_memory_flat_with_depth(setup):
     "Peak memory at depth 100 and 400 differ by < 3 MB; a graph-keeping version grows by tens of MB (checked as a control)."
     m, inf, (X, y), _, G = setup
-    run = lambda d: LissaSolver(depth=d, scale=10., batch_size=120).solve(inf, G[:1])
+    run = lambda d: LissaSolver(depth=d, scale=10., batch_size=120, on_fail="ignore").solve(inf, G[:1])
     run(10)
     _, m1 = peak_memory(lambda: run(100))
     _, m2 = peak_memory(lambda: run(400))
@@ -232,3 +236,165 @@ def test_block_cg_solves_random_ridge(p, k, lam, seed):
     Xb, info = BlockCGSolver(tol=1e-10).solve(inf, V)
     A = X.T @ X / 30 + lam * torch.eye(p, dtype=torch.float64)
     torch.testing.assert_close(Xb, torch.linalg.solve(A, V.T).T, rtol=1e-7, atol=1e-9)
+
+
+# ---------------------------------------------------------------- the solver contract (issue 15)
+import influence_nb.ihvp  # noqa: E402,F401  (registers the iterative solvers in SOLVERS)
+
+DAMP, WD = 0.1, 1e-3
+GOOD = {"exact": {}, "cg": dict(tol=1e-10), "block_cg": dict(tol=1e-10),
+        "lissa": dict(depth=800, batch_size=120, scale_probes=1)}     # whole set per step: deterministic
+TOL = {"lissa": 1e-6}                                                  # truncated recursion: looser
+TINY = {"cg": dict(max_iter=1), "block_cg": dict(max_iter=1), "lissa": dict(depth=1, batch_size=120, scale_probes=1)}   # depth 2 reaches residual 0.48 < tol=0.5 at δ=0.1
+
+
+def _exact_reference(m, X, y, V):
+    "(H + δI)⁻¹ V in float64 from torch.func.hessian of mean CE + λ/2|θ|² and torch.linalg.solve (independent of the engine)."
+    names = [n for n, _ in m.named_parameters()]
+    shapes = [p.shape for _, p in m.named_parameters()]
+    theta = torch.cat([p.detach().flatten() for _, p in m.named_parameters()]).double()
+    def objective(t):
+        ps, i = {}, 0
+        for n, sh in zip(names, shapes):
+            k = math.prod(sh); ps[n] = t[i:i + k].view(sh); i += k
+        return CE(torch.func.functional_call(m, ps, (X,)), y) + WD / 2 * (t ** 2).sum()
+    H = torch.func.hessian(objective)(theta)
+    return torch.linalg.solve(H + DAMP * torch.eye(len(theta), dtype=H.dtype), V.T).T
+
+
+@pytest.fixture(scope="module")
+def problem(setup):
+    m, _, (X, y), test, _ = setup
+    inf = Influence(m, CE, (X, y), weight_decay=WD, damping=DAMP, dtype=torch.float64)
+    V = inf.grad_matrix(test)[:4]
+    return inf, V, _exact_reference(m, X, y, V)
+
+
+def _quiet(fn):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [x for x in w if issubclass(x.category, NotConvergedWarning)]
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_solver_contract(problem, name):
+    inf, V, Xref = problem
+    opts = GOOD.get(name, {})
+    (X, info), w = _quiet(lambda: make_solver(name, **opts).solve(inf, V))
+    rel = float(((X - Xref).norm(dim=1) / Xref.norm(dim=1)).max())
+    assert rel < TOL.get(name, 1e-8), (name, rel)                                       # (a) the float64 solve
+    assert w == []
+    singles = torch.cat([make_solver(name, **opts).solve(inf, V[i:i + 1])[0] for i in range(len(V))])
+    tol = TOL.get(name, 1e-8)
+    torch.testing.assert_close(X, singles, rtol=tol, atol=tol * float(X.abs().max()))  # (b) k at once = k single
+    assert info.solver == name and math.isfinite(info.residual) and info.damping == DAMP  # (c) SolveInfo filled
+    assert info.weight_decay == WD
+    if name == "exact": assert info.converged in (None, True)
+    else: assert info.converged is True and isinstance(info.iterations, int) and info.iterations >= 1
+    if name not in TINY: return
+    (_, info), w = _quiet(lambda: make_solver(name, **TINY[name]).solve(inf, V))          # (d) a tiny budget
+    assert info.converged is False and len(w) == 1 and "not converged" in str(w[0].message)
+    with pytest.raises(NotConvergedError, match="not converged"):
+        make_solver(name, **TINY[name], on_fail="raise").solve(inf, V)
+    (_, info), w = _quiet(lambda: make_solver(name, **TINY[name], on_fail="ignore").solve(inf, V))
+    assert w == [] and info.converged is False
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SOLVERS) if n != "exact"])
+def test_solver_option_misuse(name):
+    for bad in (dict(tol=0), dict(tol=-1e-3), dict(tol=float("nan")), dict(on_fail="loud"), dict(foo=1)):
+        with pytest.raises(InfluenceError, match=next(iter(bad))):
+            make_solver(name, **bad)
+    with pytest.raises(InfluenceError, match="the options of solver="):
+        SOLVERS[name](foo=1)                                              # the class itself, not only make_solver
+    budget = "depth" if name == "lissa" else "max_iter"
+    for v in (0, 2.5, True):
+        with pytest.raises(InfluenceError, match=f"{budget} must be an int >= 1"):
+            make_solver(name, **{budget: v})
+
+
+def test_option_misuse_specific(setup):
+    m, _, train, _, _ = setup
+    for v in (0, 1, 1.5, -1e-3):
+        with pytest.raises(InfluenceError, match=r"rank_tol must be a number in \(0, 1\)"): BlockCGSolver(rank_tol=v)
+    with pytest.raises(InfluenceError, match="warn=False contradicts"): CGSolver(warn=False, on_fail="raise")
+    with pytest.raises(InfluenceError, match="foo"):
+        Influence(m, CE, train, weight_decay=1e-3, solver="cg", foo=1)
+    assert CGSolver(warn=False).on_fail == "ignore" and CGSolver().on_fail == "warn"     # the old spelling still works
+    for bad in (dict(batch_size=0), dict(repeats=1.0), dict(scale_probes=0), dict(max_growth=0), dict(seed=0.5)):
+        with pytest.raises(InfluenceError, match=next(iter(bad))): LissaSolver(**bad)
+
+
+def test_lissa_batch_larger_than_training_set_is_the_whole_set(problem):
+    "Documented choice: batch_size >= n means the whole training set at every step (deterministic), not an error."
+    inf, V, Xref = problem
+    X1, _ = LissaSolver(depth=300, batch_size=120, scale=5.).solve(inf, V[:1])
+    X2, _ = LissaSolver(depth=300, batch_size=10_000, scale=5., seed=3).solve(inf, V[:1])
+    torch.testing.assert_close(X1, X2, rtol=0, atol=0)
+
+
+def test_lissa_failures_of_issue_15_warn(setup):
+    "A scale 1000x the chosen one, and damping 1e-6 on the ill-conditioned depth-2 MLP: both far off, both now reported."
+    m, _, train, test, _ = setup
+    inf = Influence(m, CE, train, weight_decay=WD, damping=0.01, dtype=torch.float64)
+    V = inf.grad_matrix(test)[:10]
+    s = LissaSolver().choose_scale(inf)[0]
+    Xe, _ = ExactSolver().solve(inf, V)
+    (X, info), w = _quiet(lambda: LissaSolver(scale=1000 * s).solve(inf, V))
+    assert float(((X - Xe).norm(dim=1) / Xe.norm(dim=1)).max()) > 0.9
+    assert info.converged is False and len(w) == 1
+    msg = str(w[0].message)
+    assert "raise depth" in msg and f"scale={1000 * s:.4g} (as given)" in msg and "repeats" in msg and "batch_size" in msg
+    with pytest.raises(NotConvergedError): LissaSolver(scale=1000 * s, on_fail="raise").solve(inf, V)
+    m2 = _trained_mlp(depth=2)
+    inf2 = Influence(m2, CE, train, weight_decay=WD, damping=1e-6, dtype=torch.float64)
+    V2 = inf2.grad_matrix(test)
+    Xe2, _ = ExactSolver().solve(inf2, V2)
+    (X2, info2), w = _quiet(lambda: LissaSolver().solve(inf2, V2))
+    assert float(((X2 - Xe2).norm(dim=1) / Xe2.norm(dim=1)).max()) > 0.5
+    assert info2.converged is False and len(w) == 1 and "chosen as 1.1 × (top eigenvalue" in str(w[0].message)
+
+
+def _poisoned(setup, after=1):
+    "An engine whose HVPs (full-data and minibatch) turn NaN from the `after`-th call on: the solvers' own checks must name it."
+    m, _, train, test, _ = setup
+    inf = Influence(m, CE, train, weight_decay=WD, damping=DAMP, dtype=torch.float64)
+    V = inf.grad_matrix(test)[:2]
+    calls = [0]
+    def poison(f):
+        def g(*a, **k):
+            calls[0] += 1; out = f(*a, **k)
+            return out * float("nan") if calls[0] >= after else out
+        return g
+    inf.hvp, inf.batch_hvp = poison(inf.hvp), poison(inf.batch_hvp)
+    return inf, V
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SOLVERS) if n != "exact"])
+def test_non_finite_hvp_is_named(setup, name):
+    inf, V = _poisoned(setup, after=3)
+    opts = {"lissa": dict(scale=5., depth=20)}.get(name, {})
+    with pytest.raises(NonFiniteError, match=rf"^{name}: .*not finite.*(iteration|step) [23]\b|^{name}: .*(iteration|step) [23]\b.*not finite"):
+        make_solver(name, **opts).solve(inf, V)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_non_finite_training_data_refused(setup, name):
+    "An Inf input (tanh saturates, the loss stays finite) is refused by every solver, whoever catches it first."
+    m, _, (X, y), test, _ = setup
+    Xp = X.clone()
+    inf = Influence(m, CE, (Xp, y), weight_decay=WD, damping=DAMP, dtype=torch.float64)
+    V = inf.grad_matrix(test)[:2]
+    Xp[3, 0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        make_solver(name, **{"lissa": dict(depth=20)}.get(name, {})).solve(inf, V)
+
+
+def test_non_finite_spectrum_tools(setup):
+    inf, V = _poisoned(setup)
+    with pytest.raises(NonFiniteError, match="hvp_operator"): top_eigenvalue(inf)
+    inf, V = _poisoned(setup)
+    with pytest.raises(NonFiniteError, match="lissa: choosing the scale"): LissaSolver(depth=5).solve(inf, V)
+    with pytest.raises(NonFiniteError, match="power_iteration: .* iteration 0"):
+        power_iteration(lambda v: v * float("nan"), 3)
