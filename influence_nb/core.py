@@ -231,9 +231,17 @@ class PerExampleLoss:
     "A loss function as per-example losses: (outputs (B, ...), targets (B, ...)) -> (B,); `check` validates it on a batch."
     def __init__(self, loss_fn: Callable):
         if isinstance(loss_fn, PerExampleLoss): loss_fn = loss_fn.loss_fn
+        if isinstance(loss_fn, type):
+            raise InfluenceTypeError(f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, e.g. "
+                                     f"{loss_fn.__name__}()")
         if not callable(loss_fn):
             raise InfluenceTypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
-        self.loss_fn, self.elementwise, self.summed, self.ignore_index = loss_fn, None, False, None
+        self.loss_fn, self.elementwise, self.summed = loss_fn, None, False
+        # a function's ignored target: its own `ignore_index` attribute, or the default of torch's functional losses
+        self.ignore_index = getattr(loss_fn, "ignore_index", -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None)
+        # do integer targets index the outputs' classes (so that a label outside them can be named before the loss fails)?
+        self.class_indices = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)) or \
+            getattr(loss_fn, "class_indices", loss_fn in (F.cross_entropy, F.nll_loss, F.multi_margin_loss))
         self.reduces = None        # a plain function: does it return a scalar? (None: not seen yet)
         red = getattr(loss_fn, "reduction", None)
         if isinstance(loss_fn, nn.modules.loss._Loss) and isinstance(red, str):
@@ -356,6 +364,15 @@ class _Engine:
                 f"the computation would run in {self.dtype}: with a machine epsilon of {torch.finfo(self.dtype).eps:.1e}, "
                 "second derivatives cannot tell a small eigenvalue from zero. Pass dtype=torch.float32 (or torch.float64): the "
                 "parameters are cast for the computation, the model itself is not changed")
+        for k, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"the model's {k} holds NaN or Inf values: influence needs a finite model")
+        for k, mod in model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None:
+                raise InfluenceError(
+                    f"the model's {k} ({type(mod).__name__}) has track_running_stats=False, so even in eval mode it normalises "
+                    "each example by the statistics of its batch: an example has no loss of its own. Use running statistics "
+                    "(track_running_stats=True, trained) or a per-example normalisation (GroupNorm, LayerNorm)")
         self.flat = Flat(sel)
         cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
         self.theta = self.flat.flatten({k: cast(v) for k, v in sel.items()})
@@ -404,37 +421,64 @@ class _Engine:
             self.loss.check_targets(y, seen, name)
             if id(loader) not in self._checked:
                 self._check(x, y, name); self._checked.add(id(loader))
+            self._check_classes(y, seen, name)
             seen += x.shape[0]
             yield x, y
         if seen != len(loader.dataset):
             raise InfluenceError(f"{name}: the data yielded {seen} examples but its dataset has {len(loader.dataset)}; "
                                  "every example must come exactly once, in order")
 
+    @_grad_on
     def _check(self, x, y, name):
-        "Validate model and loss on a first batch: they run, the model is deterministic, the losses are per-example and finite."
-        with torch.no_grad():
-            try:
-                out = self.forward(self.theta, x)
-            except Exception as e:
-                raise InfluenceError(f"{name}: the model failed on a batch of inputs of shape {tuple(x.shape)} "
-                                     f"({x.dtype}): {type(e).__name__}: {e}") from e
-            again = self.forward(self.theta, x)
-            if not all(torch.equal(a, b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0])
-                       if isinstance(a, Tensor)):
-                raise InfluenceError(
-                    "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
-                    "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
-                    "deterministic model: use nn.Dropout modules or pass training=self.training")
-            try:
-                per = self.loss.check(out, y)
-            except InfluenceError: raise
-            except Exception as e:
-                raise InfluenceError(f"{name}: loss_fn(model(x), y) failed on a batch with inputs {tuple(x.shape)} and "
-                                     f"targets {tuple(y.shape)} ({y.dtype}): {type(e).__name__}: {e}") from e
-        bad = ~torch.isfinite(per)
+        "Validate model and loss on a first batch: they run, deterministically, per example under vmap, finitely, through θ."
+        theta = self.theta.detach().requires_grad_(True)
+        try:
+            out = self.forward(theta, x)
+        except Exception as e:
+            raise InfluenceError(f"{name}: the model failed on a batch of inputs of shape {tuple(x.shape)} "
+                                 f"({x.dtype}): {type(e).__name__}: {e}") from e
+        with torch.no_grad(): again = self.forward(self.theta, x)
+        same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
+        if not all(same(a.detach(), b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0]) if isinstance(a, Tensor)):
+            raise InfluenceError(
+                "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
+                "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
+                "deterministic model: use nn.Dropout modules or pass training=self.training")
+        self._n_classes = out.shape[1] if (self.loss.class_indices and isinstance(out, Tensor) and out.dim() >= 2
+                                           and not y.is_floating_point() and y.dim() == out.dim() - 1) else None
+        self._check_classes(y, 0, name)
+        try:
+            per = self.loss.check(out, y)
+        except InfluenceError: raise
+        except Exception as e:
+            raise InfluenceError(f"{name}: loss_fn(model(x), y) failed on a batch with outputs "
+                                 f"{tuple(getattr(out, 'shape', ()))} and targets {tuple(y.shape)} ({y.dtype}): "
+                                 f"{type(e).__name__}: {e}") from e
+        bad = ~torch.isfinite(per.detach())
         if bad.any():
             raise NonFiniteError(f"{name}: the loss of example {int(bad.nonzero()[0])} of its first batch is "
                                  f"{float(per[bad][0])}: check the model and the data")
+        if not per.requires_grad:
+            raise InfluenceError("the loss does not depend on the parameters influence is taken with respect to: does "
+                                 "loss_fn or the model detach the outputs (or call .item(), .numpy(), .tolist())?")
+        try:
+            vmap(grad(self.example_loss), in_dims=(None, 0, 0))(self.theta, x[:2], y[:2])
+        except Exception as e:
+            raise InfluenceError(
+                "the model and loss_fn must run under torch.func.vmap, which evaluates them one example at a time, and "
+                f"they do not: {type(e).__name__}: {str(e).splitlines()[0]}. Common causes: .item() or Python control flow "
+                "on tensor values, F.one_hot on the targets (one-hot encode them in the data instead), in-place writes "
+                "into inputs") from e
+
+    def _check_classes(self, y: Tensor, start: int, name: str):
+        "Refuse class-index targets outside [0, number of outputs), naming the first such example."
+        C = getattr(self, "_n_classes", None)
+        if C is None or y.is_floating_point(): return
+        bad = ((y < 0) | (y >= C)).reshape(len(y), -1).any(1)
+        if bad.any():
+            j = int(bad.nonzero()[0])
+            raise InfluenceError(f"{name}: example {start + j} has target {y[j].tolist()}, outside the model's {C} classes "
+                                 f"[0, {C}): fix the labels or the model's number of outputs")
 
     @_grad_on
     def losses(self, data, name="data") -> Tensor:

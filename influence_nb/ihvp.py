@@ -168,7 +168,11 @@ class CGSolver(IHVPSolver):
         info = SolveInfo(self.name, inf.damping, inf.weight_decay, res, it,
                          details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol, "max_iter": self.max_iter,
                                   **details})
-        report_convergence(info, self.tol, self.on_fail,
+        # the true residual cannot fall below round-off: in float32 a tol of 1e-8 is out of reach however long CG runs, so
+        # the warning judges against the larger of tol and √eps of the dtype (3.5e-4 in float32, 1.5e-8 in float64)
+        floor = torch.finfo(X.dtype).eps ** 0.5
+        info.details["tol_judged"] = max(self.tol, floor)
+        report_convergence(info, max(self.tol, floor), self.on_fail,
                            f"{it} iterations of max_iter={self.max_iter} ran: raise max_iter, or the damping (a larger δ "
                            "lowers the condition number of H + δI, and changes the problem solved)")
         info.details["converged"] = info.converged          # the former place of the flag, kept for old callers
@@ -253,12 +257,21 @@ def minibatches(inf, batch_size: int, generator: torch.Generator):
         Xt, yt = ds.tensors
         while True:
             idx = torch.randint(n, (batch_size,), generator=generator)
-            yield _cast(inf, Xt[idx]), _cast(inf, yt[idx])
+            yield _checked(inf, _cast(inf, Xt[idx]), _cast(inf, yt[idx]), idx)
     collate = inf.curv.collate_fn
     while True:
-        idx = torch.randint(n, (batch_size,), generator=generator).tolist()
-        x, y = collate([ds[i] for i in idx])
-        yield _cast(inf, x), _cast(inf, y)
+        idx = torch.randint(n, (batch_size,), generator=generator)
+        x, y = collate([ds[i] for i in idx.tolist()])
+        yield _checked(inf, _cast(inf, x), _cast(inf, y), idx)
+
+
+def _checked(inf, x: Tensor, y: Tensor, idx: Tensor):
+    "A drawn minibatch as it is, or a NonFiniteError naming the first example with a NaN or Inf input or target."
+    for what, t in (("input", x), ("target", y)):
+        if t.is_floating_point() and not (ok := torch.isfinite(t.reshape(len(t), -1)).all(1)).all():
+            raise NonFiniteError(f"train: example {int(idx[(~ok).nonzero()[0]])} has a non-finite {what} (NaN or Inf); "
+                                 "influence needs finite data: fix or drop that example")
+    return x, y
 
 
 def batch_top_eigenvalue(inf, batch_size: int, probes: int = 5, seed: int = 0, iters: int = 50) -> float:

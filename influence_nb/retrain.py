@@ -77,6 +77,9 @@ def per_example_cross_entropy(outputs:Tensor, targets:Tensor) -> Tensor:
     "Cross-entropy of each example (no reduction)."
     return F.cross_entropy(outputs, targets, reduction='none')
 
+# what core's per_example_loss reads off a function: F.cross_entropy's ignored target, and that targets index classes
+per_example_cross_entropy.ignore_index, per_example_cross_entropy.class_indices = -100, True
+
 # %% ../nbs/01_ground_truth.ipynb #fe9bfe7e
 @dataclass
 class RetrainConfig:

@@ -808,21 +808,25 @@ def _(): return param_changes(mlp(), nn.CrossEntropyLoss(), X_with(57, float("na
 # ------------------------------------------------------------------------------------------------------ grad mode
 @case("grad-no-grad-30", "grad mode", Right(lambda: REF()["scores"]), "issue 15: inside torch.no_grad(), 30 test points")
 def _():
-    with torch.no_grad(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
+    m, train, test = mlp(), tr(), te()       # fixtures first: a lazily trained fixture must not train inside the context
+    with torch.no_grad(): return influence_scores(m, nn.CrossEntropyLoss(), train, test, weight_decay=LAM)
 
 @case("grad-no-grad-1", "grad mode", Right(lambda: REF()["scores"][:1]), "inside torch.no_grad(), 1 test point")
 def _():
     X, y = te()
-    with torch.no_grad(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), (X[:1], y[:1]), weight_decay=LAM)
+    m, train = mlp(), tr()
+    with torch.no_grad(): return influence_scores(m, nn.CrossEntropyLoss(), train, (X[:1], y[:1]), weight_decay=LAM)
 
 @case("grad-inference-mode-30", "grad mode", Right(lambda: REF()["scores"]), "issue 15: inside torch.inference_mode(), 30 test points")
 def _():
-    with torch.inference_mode(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM).clone()
+    m, train, test = mlp(), tr(), te()
+    with torch.inference_mode(): return influence_scores(m, nn.CrossEntropyLoss(), train, test, weight_decay=LAM).clone()
 
 @case("grad-inference-mode-2", "grad mode", Right(lambda: REF()["scores"][:2]), "inside torch.inference_mode(), 2 test points")
 def _():
     X, y = te()
-    with torch.inference_mode(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), (X[:2], y[:2]), weight_decay=LAM).clone()
+    m, train = mlp(), tr()
+    with torch.inference_mode(): return influence_scores(m, nn.CrossEntropyLoss(), train, (X[:2], y[:2]), weight_decay=LAM).clone()
 
 @case("grad-inference-tensors-as-data", "grad mode", Right(lambda: REF()["scores"]), "data created under inference_mode, scored outside it")
 def _():
@@ -831,17 +835,20 @@ def _():
 
 @case("grad-set-grad-disabled-self", "grad mode", Right(lambda: REF()["self_influence"]), "torch.set_grad_enabled(False), self_influence")
 def _():
+    m, train = mlp(), tr()
     prev = torch.is_grad_enabled(); torch.set_grad_enabled(False)
-    try: return self_influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM)
+    try: return self_influence(m, nn.CrossEntropyLoss(), train, weight_decay=LAM)
     finally: torch.set_grad_enabled(prev)
 
 @case("grad-no-grad-layer", "grad mode", Right(lambda: REF()["scores"]), "inside torch.no_grad(), method='layer'")
 def _():
-    with torch.no_grad(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).scores(te(), method="layer")
+    m, train, test = mlp(), tr(), te()
+    with torch.no_grad(): return Influence(m, nn.CrossEntropyLoss(), train, weight_decay=LAM).scores(test, method="layer")
 
 @case("grad-no-grad-jvp", "grad mode", Right(lambda: REF()["scores"]), "inside torch.no_grad(), method='jvp'")
 def _():
-    with torch.no_grad(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).scores(te(), method="jvp")
+    m, train, test = mlp(), tr(), te()
+    with torch.no_grad(): return Influence(m, nn.CrossEntropyLoss(), train, weight_decay=LAM).scores(test, method="jvp")
 
 class DropoutAlways(nn.Module):
     def __init__(s, training_flag=False):
