@@ -39,9 +39,10 @@ def test_tiny_study_resumes_to_identical_numbers(tmp_path):
     done = sorted((tmp_path / "runs").glob("*.json"))
     done[len(done) // 2].unlink()                     # interrupted halfway: one run missing
     b = iris.run_iris_study(cfg, tmp_path, progress=False)
-    assert [r["spearman"] for r in a["runs"]] == [r["spearman"] for r in b["runs"]]
-    assert all(-1 <= r["spearman"] <= 1 and len(r["removed"]) == 20 for r in b["runs"])
-    with pytest.raises(ValueError, match="different configuration"):
+    assert [r.to_dict() for r in a.runs] == [r.to_dict() for r in b.runs]
+    assert all(-1 <= r.spearman <= 1 and len(r.removed) == 20 for r in b.runs)
+    assert isinstance(b, iris.IrisSummary) and isinstance(b.runs[0], iris.IrisRun)
+    with pytest.raises(ValueError, match="different configuration .*seeds: stored 1, asked 2"):
         iris.run_iris_study(replace(cfg, seeds=2), tmp_path, progress=False)
     table = iris.correlation_table(b)
     assert "relu-d1-w5-wd0.001-damp0" in table and "0.97" in table     # the paper's number stands beside ours
@@ -62,3 +63,13 @@ def test_cli_help_lists_iris():
     assert "iris" in parser().format_help()
     with pytest.raises(SystemExit):
         parser().parse_args(["iris", "--preset", "huge"])
+    a = parser().parse_args(["iris", "--seeds", "3", "--out", "x"])
+    assert (a.preset, a.seeds, a.out, a.threads) == ("quick", 3, "x", 1)
+
+
+def test_study_is_registered_without_the_cli():
+    from influence_nb.study import STUDIES, config_from_args
+    assert STUDIES["iris"] is iris.IRIS
+    from influence_nb.cli import parser
+    cfg = config_from_args(iris.IRIS, parser().parse_args(["iris", "--preset", "paper", "--seeds", "2"]))
+    assert cfg == iris.IrisConfig.from_preset("paper", seeds=2)

@@ -59,3 +59,14 @@ def test_exact_and_cg_agree_on_tiny_cnn():
     a = ex["scores"][0]
     b = score(m, d, cfg, 1e-3, [0], solver="cg", damping=ex["damping_used"])["scores"][0]   # the same damping
     assert np.corrcoef(a.numpy(), b.numpy())[0, 1] > 0.99
+
+
+def test_study_registers_its_command_and_options():
+    from influence_nb import small_mnist as M
+    from influence_nb.study import STUDIES, config_from_args
+    from influence_nb.cli import parser
+    assert STUDIES["small-mnist"] is M.MNIST
+    a = parser().parse_args(["small-mnist", "--source", "torchvision", "--root", "r"])
+    assert config_from_args(M.MNIST, a) == SmallMnistConfig.from_preset("quick", source="torchvision", root="r")
+    q = SmallMnistConfig.from_preset("quick")
+    assert SmallMnistConfig.from_dict(q.to_dict()) == q and SmallMnistConfig().preset == "paper"

@@ -132,3 +132,21 @@ def test_figure_width(tmp_path):
         fig = plt.figure(figsize=size); fig.gca().plot([0, 1])
         p = S.save_figure(fig, tmp_path / f"f{size[0]}.png"); plt.close(fig)
         assert Image.open(p).size[0] == S.FIGURE_WIDTH
+
+
+def test_registry_and_cli(tmp_path, capsys):
+    from influence_nb import cli
+    studies = S.load_studies()
+    assert {"iris", "small-mnist"} <= set(studies)
+    src = Path(cli.__file__).read_text()
+    assert "iris" not in src and "small_mnist" not in src           # the CLI names no study
+    for m in ("iris", "small_mnist"):
+        assert "influence_nb.cli" not in Path(S.__file__).with_name(f"{m}.py").read_text()   # studies never import the CLI
+    toy = S.register_study(Toy())
+    try:
+        assert cli.main(["toy-test", "--preset", "quick", "--out", str(tmp_path), "--no-progress"]) == 0
+        assert json.loads((tmp_path / "config.json").read_text())["steps"] == 20
+        with pytest.raises(SystemExit) as e: cli.main(["toy-test", "--threads", "0"])
+        assert e.value.code == 2
+    finally:
+        S.STUDIES.pop(toy.name); cli.COMMANDS.pop(toy.name, None)
