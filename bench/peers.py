@@ -63,12 +63,12 @@ COUNT = {"solve": None, "hvp_vec_examples": 0}
 
 def count_hvps():
     "Wrap our and pyDVL's batch HVP entry points so every call adds (number of vectors) × (batch size) to COUNT."
-    from influence_nb.core import _Curvature
-    ours = _Curvature._loss_hvp
+    from influence_nb.core import HVPRows
+    ours = HVPRows.__call__
     def counted(self, V, x, y):
         COUNT["hvp_vec_examples"] += V.shape[0] * x.shape[0]
         return ours(self, V, x, y)
-    _Curvature._loss_hvp = counted
+    HVPRows.__call__ = counted
     try:
         from pydvl.influence.torch.batch_operation import HessianBatchOperation
     except ImportError:

@@ -19,12 +19,13 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from .core import *
 
 # %% ../nbs/03_ihvp.ipynb #4421fa0b
-def hvp_operator(inf, shift: float = 0.) -> LinearOperator:
+def hvp_operator(op, shift: float = 0.) -> LinearOperator:
     "The map v ↦ (H + shift·I) v as a (p, p) scipy LinearOperator in float64, one full-data HVP pass per product."
-    p, calls = inf.num_params, [0]
+    op = as_curvature(op)
+    p, calls = op.size, [0]
     def mv(v):
-        V = torch.as_tensor(np.asarray(v, dtype=np.float64).T.reshape(-1, p), device=inf.device).to(inf.dtype)
-        out = inf.hvp(V) + shift * V
+        V = torch.as_tensor(np.asarray(v, dtype=np.float64).T.reshape(-1, p), device=op.device).to(op.dtype)
+        out = op.hvp(V) + shift * V
         calls[0] += 1
         if not torch.isfinite(out).all():
             raise NonFiniteError(f"hvp_operator (Lanczos, top/bottom eigenvalue): the Hessian-vector product of call {calls[0]} "
@@ -33,28 +34,29 @@ def hvp_operator(inf, shift: float = 0.) -> LinearOperator:
     return LinearOperator((p, p), matvec=mv, matmat=mv, dtype=np.float64)
 
 # %% ../nbs/03_ihvp.ipynb #e6a03e63
-def _largest(inf, shift, sign, tol, maxiter, seed):
+def _largest(op, shift, sign, tol, maxiter, seed):
     "Largest eigenvalue of sign·H + shift·I by Lanczos (eigsh, which='LA'); dense for p <= 2."
-    p = inf.num_params
+    op = as_curvature(op)
+    p = op.size
     if p <= 2:
-        return float(torch.linalg.eigvalsh(sign * inf.hessian().double())[-1] + shift)
-    base = hvp_operator(inf)
+        return float(torch.linalg.eigvalsh(sign * op.hessian().double())[-1] + shift)
+    base = hvp_operator(op)
     op = LinearOperator((p, p), matvec=lambda v: sign * base.matvec(v) + shift * v, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(p)
     return float(eigsh(op, k=1, which="LA", tol=tol, maxiter=maxiter, v0=v0, ncv=min(p, 20),
                        return_eigenvectors=False)[0])
 
 
-def top_eigenvalue(inf, tol: float = 1e-6, maxiter: int | None = None, seed: int = 0) -> float:
+def top_eigenvalue(op, tol: float = 1e-6, maxiter: int | None = None, seed: int = 0) -> float:
     "Largest eigenvalue of the training Hessian H (weight decay included, no damping) by Lanczos (eigsh) on HVPs."
-    return _largest(inf, 0., 1, tol, maxiter, seed)
+    return _largest(op, 0., 1, tol, maxiter, seed)
 
 
-def bottom_eigenvalue(inf, tol: float = 1e-6, maxiter: int | None = None, seed: int = 0,
+def bottom_eigenvalue(op, tol: float = 1e-6, maxiter: int | None = None, seed: int = 0,
                       top: float | None = None) -> float:
     "Smallest (most negative) eigenvalue of H (weight decay included, no damping): λ_max minus the top eigenvalue of λ_max·I - H."
-    top = top_eigenvalue(inf, tol, maxiter, seed) if top is None else top
-    return top - _largest(inf, top, -1, tol, maxiter, seed)
+    top = top_eigenvalue(op, tol, maxiter, seed) if top is None else top
+    return top - _largest(op, top, -1, tol, maxiter, seed)
 
 # %% ../nbs/03_ihvp.ipynb #c371361f
 def power_iteration(matvec, dim: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
@@ -75,9 +77,9 @@ def power_iteration(matvec, dim: int, *, iters: int = 100, tol: float = 1e-4, se
     return lam, v
 
 # %% ../nbs/03_ihvp.ipynb #a73e8d07
-def _damped_hvp(inf, V: Tensor) -> Tensor:
+def _damped_hvp(op, V: Tensor) -> Tensor:
     "(H + δI) V for the rows of V."
-    return inf.hvp(V) + inf.damping * V
+    return op.mv(V)
 
 
 def _check_options(init):
@@ -125,8 +127,9 @@ class CGSolver(IHVPSolver):
             on_fail = "ignore"
         self.on_fail = on_fail
 
-    def solve(self, inf, V):
-        V = V.to(inf.dtype)
+    def solve(self, op, V):
+        op = as_curvature(op)
+        V = V.to(op.dtype)
         vnorm = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
         X, R, P = torch.zeros_like(V), V.clone(), V.clone()
         rs = (R * R).sum(1)
@@ -136,7 +139,7 @@ class CGSolver(IHVPSolver):
         while bool(active.any()) and it < self.max_iter:
             idx = active.nonzero().flatten()              # converged columns stop costing HVPs
             AP = torch.zeros_like(P)
-            AP[idx] = _damped_hvp(inf, P[idx])
+            AP[idx] = _damped_hvp(op, P[idx])
             hvps += len(idx)
             if not torch.isfinite(AP).all():
                 raise NonFiniteError(f"cg: a Hessian-vector product is not finite at iteration {it}: check the model and the "
@@ -146,9 +149,9 @@ class CGSolver(IHVPSolver):
             if bad.any():
                 k = int(bad.nonzero()[0]); q = float(pAp[k] / (P[k] @ P[k]))
                 raise HessianNotPositiveDefinite(
-                    f"cg: H + δI is not positive definite (δ={inf.damping:g}, weight decay {inf.weight_decay:g}): at iteration "
+                    f"cg: H + δI is not positive definite (δ={op.damping:g}, weight decay {op.weight_decay:g}): at iteration "
                     f"{it} it has a direction of curvature {q:.3e}. Conjugate gradient needs a positive-definite matrix: "
-                    f"pass damping > {max(0., inf.damping - q):.2e}")
+                    f"pass damping > {max(0., op.damping - q):.2e}")
             alpha = torch.where(active, rs / pAp.where(active, one), 0 * one)
             X = X + alpha[:, None] * P
             R = R - alpha[:, None] * AP
@@ -159,13 +162,13 @@ class CGSolver(IHVPSolver):
             it += 1
             hist.append(rs.sqrt() / vnorm)
             active = active & (hist[-1] > self.tol)
-        return self._finish(inf, X, V, it, hist, hvps=hvps)
+        return self._finish(op, X, V, it, hist, hvps=hvps)
 
-    def _finish(self, inf, X, V, it, hist, **details):
+    def _finish(self, op, X, V, it, hist, **details):
         "The true residual (one more pass), the SolveInfo, and `report_convergence` on it (warn, raise or ignore)."
-        res = relative_residual(_damped_hvp(inf, X), X, V)
+        res = relative_residual(_damped_hvp(op, X), X, V)
         if not math.isfinite(res): raise NonFiniteError(f"{self.name}: the solution is not finite after iteration {it}")
-        info = SolveInfo(self.name, inf.damping, inf.weight_decay, res, it,
+        info = SolveInfo(self.name, op.damping, op.weight_decay, res, it,
                          details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol, "max_iter": self.max_iter,
                                   **details})
         # the true residual cannot fall below round-off: in float32 a tol of 1e-8 is out of reach however long CG runs, so
@@ -204,15 +207,16 @@ class BlockCGSolver(CGSolver):
             raise InfluenceError(f"{self.name}: rank_tol must be a number in (0, 1) (or None for √eps), got {rank_tol!r}")
         self.rank_tol = rank_tol
 
-    def solve(self, inf, V):
-        V = V.to(inf.dtype)
+    def solve(self, op, V):
+        op = as_curvature(op)
+        V = V.to(op.dtype)
         rank_tol = self.rank_tol or torch.finfo(V.dtype).eps ** 0.5
         vnorm = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
         X, R = torch.zeros_like(V), V.clone()
         hist, it, hvps = [R.norm(dim=1) / vnorm], 0, 0
         P = _orth_rows(R[hist[-1] > self.tol], rank_tol)
         while bool((hist[-1] > self.tol).any()) and it < self.max_iter and len(P):
-            Q = _damped_hvp(inf, P)                              # (r, p): one pass, r ≤ number of active columns
+            Q = _damped_hvp(op, P)                              # (r, p): one pass, r ≤ number of active columns
             if not torch.isfinite(Q).all():
                 raise NonFiniteError(f"block_cg: a Hessian-vector product is not finite at iteration {it}: check the model "
                                      "and the training data (an Inf input, a NaN weight)")
@@ -222,9 +226,9 @@ class BlockCGSolver(CGSolver):
             lo = float(torch.linalg.eigvalsh(PtQ)[0])
             if lo <= 0:
                 raise HessianNotPositiveDefinite(
-                    f"block_cg: H + δI is not positive definite (δ={inf.damping:g}, weight decay {inf.weight_decay:g}): at "
+                    f"block_cg: H + δI is not positive definite (δ={op.damping:g}, weight decay {op.weight_decay:g}): at "
                     f"iteration {it} it has a direction of curvature {lo:.3e}. Conjugate gradient needs a positive-definite "
-                    f"matrix: pass damping > {max(0., inf.damping - lo):.2e}")
+                    f"matrix: pass damping > {max(0., op.damping - lo):.2e}")
             L = torch.linalg.cholesky(PtQ)
             alpha = torch.cholesky_solve(P @ R.T, L)             # (r, s): the step along each direction, per column
             X = X + alpha.T @ P
@@ -235,37 +239,38 @@ class BlockCGSolver(CGSolver):
             if not bool(active.any()): break
             beta = -torch.cholesky_solve(Q @ R.T, L)             # keeps the new directions (H+δI)-conjugate to P
             P = _orth_rows((R + beta.T @ P)[active], rank_tol)   # only unconverged columns add directions
-        return self._finish(inf, X, V, it, hist, hvps=hvps)
+        return self._finish(op, X, V, it, hist, hvps=hvps)
 
 # %% ../nbs/03_ihvp.ipynb #1f3ba0c8
-def _cast(inf, t: Tensor) -> Tensor:
+def _cast(op, t: Tensor) -> Tensor:
     "A tensor on the engine's device, floating ones in its dtype."
-    return t.to(inf.device, inf.dtype) if t.is_floating_point() else t.to(inf.device)
+    return t.to(op.device, op.dtype) if t.is_floating_point() else t.to(op.device)
 
 
-def minibatches(inf, batch_size: int, generator: torch.Generator):
+def minibatches(op, batch_size: int, generator: torch.Generator):
     "Endless minibatches of the Hessian's data (the training set unless hessian_data was given), drawn uniformly with replacement (the whole set, in order, if batch_size >= n), cast like the engine's."
-    ds = inf.curv.dataset
+    op = as_curvature(op)
+    ds = op.data.dataset
     if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
         raise InfluenceError("lissa needs a map-style training set (indexable, with a length) to draw random minibatches")
     n = len(ds)
     if batch_size >= n:                                 # the whole training set every step: deterministic
-        xs, ys = zip(*inf.curv_batches())
+        xs, ys = zip(*op.batches())
         x, y = torch.cat(xs), torch.cat(ys)
         while True: yield x, y
     if isinstance(ds, TensorDataset) and len(ds.tensors) == 2:
         Xt, yt = ds.tensors
         while True:
             idx = torch.randint(n, (batch_size,), generator=generator)
-            yield _checked(inf, _cast(inf, Xt[idx]), _cast(inf, yt[idx]), idx)
-    collate = inf.curv.collate_fn
+            yield _checked(op, _cast(op, Xt[idx]), _cast(op, yt[idx]), idx)
+    collate = op.data.collate_fn
     while True:
         idx = torch.randint(n, (batch_size,), generator=generator)
         x, y = collate([ds[i] for i in idx.tolist()])
-        yield _checked(inf, _cast(inf, x), _cast(inf, y), idx)
+        yield _checked(op, _cast(op, x), _cast(op, y), idx)
 
 
-def _checked(inf, x: Tensor, y: Tensor, idx: Tensor):
+def _checked(op, x: Tensor, y: Tensor, idx: Tensor):
     "A drawn minibatch as it is, or a NonFiniteError naming the first example with a NaN or Inf input or target."
     for what, t in (("input", x), ("target", y)):
         if t.is_floating_point() and not (ok := torch.isfinite(t.reshape(len(t), -1)).all(1)).all():
@@ -274,14 +279,15 @@ def _checked(inf, x: Tensor, y: Tensor, idx: Tensor):
     return x, y
 
 
-def batch_top_eigenvalue(inf, batch_size: int, probes: int = 5, seed: int = 0, iters: int = 50) -> float:
+def batch_top_eigenvalue(op, batch_size: int, probes: int = 5, seed: int = 0, iters: int = 50) -> float:
     "The largest top eigenvalue of minibatch Hessians H_B (weight decay included) over `probes` random batches, by power iteration."
-    stream = minibatches(inf, batch_size, torch.Generator().manual_seed(seed))
+    op = as_curvature(op)
+    stream = minibatches(op, batch_size, torch.Generator().manual_seed(seed))
     tops = []
     for i in range(probes):
         x, y = next(stream)
-        lam, _ = power_iteration(lambda v: inf.batch_hvp(v, x, y), inf.num_params, iters=iters, tol=1e-3,
-                                 seed=seed + i, dtype=inf.dtype, device=inf.device)
+        lam, _ = power_iteration(lambda v: op.batch_hvp(v, x, y), op.size, iters=iters, tol=1e-3,
+                                 seed=seed + i, dtype=op.dtype, device=op.device)
         tops.append(lam)
     return max(tops)
 
@@ -328,44 +334,46 @@ class LissaSolver(IHVPSolver):
         self.scale_margin, self.scale_probes, self.max_growth, self.progress = scale_margin, scale_probes, max_growth, progress
         self.checkpoints = sorted({int(c) for c in checkpoints if 1 <= int(c) <= depth})
 
-    def choose_scale(self, inf) -> tuple[float, dict]:
+    def choose_scale(self, op) -> tuple[float, dict]:
         "scale = margin × (the larger top eigenvalue of H and of a few minibatch Hessians H_B) + δ."
+        op = as_curvature(op)
         try:
-            top = top_eigenvalue(inf, tol=1e-4)
-            btop = batch_top_eigenvalue(inf, self.batch_size, self.scale_probes, self.seed)
+            top = top_eigenvalue(op, tol=1e-4)
+            btop = batch_top_eigenvalue(op, self.batch_size, self.scale_probes, self.seed)
         except NonFiniteError as e: raise NonFiniteError(f"lissa: choosing the scale: {e}") from None
-        return self.scale_margin * (max(top, btop) + inf.damping), {"top_eigenvalue": top, "batch_top_eigenvalue": btop}
+        return self.scale_margin * (max(top, btop) + op.damping), {"top_eigenvalue": top, "batch_top_eigenvalue": btop}
 
-    def _diverged(self, inf, scale, step, r, growth, est):
+    def _diverged(self, op, scale, step, r, growth, est):
         "The LissaDivergence to raise, with the spectrum that explains it."
         top = est.get("top_eigenvalue")
-        if top is None: top = top_eigenvalue(inf, tol=1e-4)
-        A_top = top + inf.damping
+        if top is None: top = top_eigenvalue(op, tol=1e-4)
+        A_top = top + op.damping
         what = "is not finite" if not math.isfinite(growth) else f"reached {growth:.2e} × ||v|| after {step} steps"
         if A_top >= 2 * scale:
             why = (f"scale={scale:g} is too small: the top eigenvalue of H + δI is {A_top:.4g} (H's top eigenvalue "
-                   f"{top:.4g} + δ={inf.damping:g}), so (H + δI)/scale has an eigenvalue {A_top / scale:.3g} > 2 and the "
+                   f"{top:.4g} + δ={op.damping:g}), so (H + δI)/scale has an eigenvalue {A_top / scale:.3g} > 2 and the "
                    f"recursion grows geometrically. Use scale >= {self.scale_margin * A_top:.3g} (or scale=None to choose it).")
         else:
-            bot = bottom_eigenvalue(inf, tol=1e-4, top=top)
-            if bot + inf.damping <= 0:
+            bot = bottom_eigenvalue(op, tol=1e-4, top=top)
+            if bot + op.damping <= 0:
                 why = (f"scale={scale:g} is large enough for the top eigenvalue of H + δI ({A_top:.4g}), but H + δI is not "
-                       f"positive definite: its smallest eigenvalue is {bot + inf.damping:.3e} (H's {bot:.3e} + "
-                       f"δ={inf.damping:g}) and the recursion grows along negative curvature. Pass damping > {max(0., -bot):.2e}.")
+                       f"positive definite: its smallest eigenvalue is {bot + op.damping:.3e} (H's {bot:.3e} + "
+                       f"δ={op.damping:g}) and the recursion grows along negative curvature. Pass damping > {max(0., -bot):.2e}.")
             else:
                 why = (f"scale={scale:g} is large enough for the full Hessian (top eigenvalue of H + δI {A_top:.4g} < 2 × scale) "
-                       f"and H + δI is positive definite (smallest eigenvalue {bot + inf.damping:.3e}), so minibatch Hessians of "
+                       f"and H + δI is positive definite (smallest eigenvalue {bot + op.damping:.3e}), so minibatch Hessians of "
                        f"batch_size={self.batch_size} drove the growth: increase the scale, the batch size or the damping.")
         cls = LissaDivergence if math.isfinite(growth) else LissaOverflow
         return cls(f"lissa diverged at step {step} of depth {self.depth} (repeat {r}): ||x_j|| {what}. {why}",
                                scale=scale, top_eigenvalue=top, step=step)
 
-    def solve(self, inf, V):
-        V, est = V.to(inf.dtype), {}
-        if self.scale is None: scale, est = self.choose_scale(inf)
+    def solve(self, op, V):
+        op = as_curvature(op)
+        V, est = V.to(op.dtype), {}
+        if self.scale is None: scale, est = self.choose_scale(op)
         else: scale = float(self.scale)
         vnorm = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
-        stream = minibatches(inf, self.batch_size, torch.Generator().manual_seed(self.seed))
+        stream = minibatches(op, self.batch_size, torch.Generator().manual_seed(self.seed))
         every, bar = max(1, self.depth // 200), None
         if self.progress:
             from tqdm.auto import tqdm
@@ -378,15 +386,15 @@ class LissaSolver(IHVPSolver):
                     x, h = V.clone(), [(0, 1.0)]
                     for j in range(1, self.depth + 1):
                         xb, yb = next(stream)
-                        hv = inf.batch_hvp(x, xb, yb)
+                        hv = op.batch_hvp(x, xb, yb)
                         if not torch.isfinite(hv).all():
                             raise NonFiniteError(f"lissa: the minibatch Hessian-vector product of step {j} (repeat {r}) is "
                                                  "not finite while the iterate is: check the model and the training data "
                                                  "(an Inf input, a NaN weight)")
-                        x = V + x - (hv + inf.damping * x) / scale
+                        x = V + x - (hv + op.damping * x) / scale
                         growth = float((x.norm(dim=1) / vnorm).max())
                         if not math.isfinite(growth) or growth > self.max_growth * (j + 1):
-                            raise self._diverged(inf, scale, j, r, growth, est)
+                            raise self._diverged(op, scale, j, r, growth, est)
                         if j % every == 0: h.append((j, growth))
                         if j in snaps: snaps[j] += x / (scale * self.repeats)
                         if bar is not None: bar.update(1)
@@ -395,23 +403,23 @@ class LissaSolver(IHVPSolver):
         finally:
             if bar is not None: bar.close()
         X = total / self.repeats
-        res = relative_residual(_damped_hvp(inf, X), X, V)            # one extra full-data pass
+        res = relative_residual(_damped_hvp(op, X), X, V)            # one extra full-data pass
         if not math.isfinite(res): raise NonFiniteError(f"lissa: the solution is not finite after depth {self.depth}")
         spread = (float((torch.stack(ests).std(0).norm(dim=1) / X.norm(dim=1).clamp_min(1e-300)).max())
                   if self.repeats > 1 else float("nan"))
-        info = SolveInfo("lissa", inf.damping, inf.weight_decay, res, self.depth * self.repeats,
+        info = SolveInfo("lissa", op.damping, op.weight_decay, res, self.depth * self.repeats,
                          details={"scale": scale, "depth": self.depth, "repeats": self.repeats,
                                   "batch_size": self.batch_size, "seed": self.seed, **est, "norm_history": hist,
                                   "repeat_spread": spread, "checkpoints": snaps, "tol": self.tol})
-        return X, report_convergence(info, self.tol, self.on_fail, self._hint(inf, scale, est))
+        return X, report_convergence(info, self.tol, self.on_fail, self._hint(op, scale, est))
 
-    def _hint(self, inf, scale, est) -> str:
+    def _hint(self, op, scale, est) -> str:
         "What to change when the residual is above tol: depth, scale, damping, batch size, repeats."
         where = (f"chosen as {self.scale_margin:g} × (top eigenvalue {max(est['top_eigenvalue'], est['batch_top_eigenvalue']):.4g}"
                  f" of H or a batch-{self.batch_size} Hessian + δ)" if est else "as given")
         return (f"raise depth (now {self.depth}): LiSSA needs about scale/λmin(H + δI) steps; scale={scale:.4g} ({where}): "
                 f"a scale far above the top eigenvalue of H + δI slows it in proportion (scale=None chooses one); raise the "
-                f"damping (δ={inf.damping:g}) on an ill-conditioned H; raise batch_size (now {self.batch_size}) or repeats "
+                f"damping (δ={op.damping:g}) on an ill-conditioned H; raise batch_size (now {self.batch_size}) or repeats "
                 f"(now {self.repeats}) to average the minibatch noise")
 
 # %% ../nbs/03_ihvp.ipynb #891cb4b1
