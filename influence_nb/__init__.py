@@ -1,5 +1,8 @@
 __version__ = "0.1.0"
 
-from .core import (influence_scores, upweight_influence, param_changes, self_influence, Influence, SolveInfo,
-                   InfluenceError, HessianNotPositiveDefinite, NonFiniteError, NotConvergedError,
-                   NotConvergedWarning, InfluenceTypeError)
+# The package's modules import one way: core (data, losses, gradients, curvature) -> solvers (the interface and the
+# exact solve) -> ihvp (CG, block CG, LiSSA) -> scoring (the Influence facade and public functions) -> studies -> cli.
+from .core import (SolveInfo, Curvature, InfluenceError, InfluenceTypeError, HessianNotPositiveDefinite, NonFiniteError,
+                   NotConvergedError, NotConvergedWarning)
+from .solvers import make_solver, register_solver, IHVPSolver, ExactSolver
+from .scoring import influence_scores, upweight_influence, param_changes, self_influence, Influence

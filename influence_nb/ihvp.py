@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from .core import *
+from .solvers import *
 
 # %% ../nbs/03_ihvp.ipynb #4421fa0b
 def hvp_operator(op, shift: float = 0.) -> LinearOperator:

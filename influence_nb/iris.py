@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 
-from .core import Influence, HessianNotPositiveDefinite
+from .core import HessianNotPositiveDefinite
+from .scoring import Influence
 from .retrain import RetrainConfig, train_stack, loo_retrain
 from .metrics import correlation, top_fraction
 from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_study, run_study

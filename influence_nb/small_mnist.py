@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 
-from .core import Influence, HessianNotPositiveDefinite, ExactSolver
+from .core import HessianNotPositiveDefinite
+from .solvers import ExactSolver
+from .scoring import Influence
 from .ihvp import CGSolver, LissaSolver
 from .retrain import RetrainConfig, retrain_sequential, loo_retrain
 from .metrics import compare, top_k, percentile_band, highest_loss
