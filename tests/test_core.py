@@ -1,4 +1,6 @@
 """Unit and property tests of influence_nb.core: gradients, HVPs, exactness on ridge regression, errors."""
+import copy
+import functools
 import warnings
 
 import pytest
@@ -10,40 +12,19 @@ from influence_nb import (Influence, InfluenceError, HessianNotPositiveDefinite,
                           param_changes, self_influence, upweight_influence)
 from influence_nb.core import Flat, as_loader, select_params
 
+from conftest import fit, half_mse, linear_model, mlp, random_classification, ridge_data, ridge_fit, ridge_hessian
+
 torch.set_default_dtype(torch.float32)
-
-
-def ridge_problem(n=40, d=3, lam=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
-    return X, y, lam
-
-
-def ridge_fit(X, y, lam, w):
-    n, d = X.shape
-    A = (X.T * w) @ X / n + lam * torch.eye(d, dtype=X.dtype)
-    return torch.linalg.solve(A, (X.T * w) @ y / n)
-
-
-def half_mse(o, t):
-    return 0.5 * ((o.squeeze(-1) - t) ** 2).mean()
-
-
-def ridge_model(theta):
-    m = nn.Linear(len(theta), 1, bias=False).double()
-    m.weight.data = theta[None].clone()
-    return m
 
 
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(8, 40), d=st.integers(1, 5), lam=st.floats(1e-3, 1.0), seed=st.integers(0, 10_000))
 def test_ridge_removal_equals_exact_loo_up_to_leverage(n, d, lam, seed):
     """For the squared loss, exact LOO = influence prediction / (1 - leverage), to float64 precision."""
-    X, y, _ = ridge_problem(n, d, lam, seed)
-    theta = ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype))
-    dth = param_changes(ridge_model(theta), half_mse, (X, y), weight_decay=lam)
-    H = X.T @ X / n + lam * torch.eye(d, dtype=X.dtype)
+    X, y = ridge_data(n, d, seed)
+    theta = ridge_fit(X, y, lam)
+    dth = param_changes(linear_model(theta), half_mse, (X, y), weight_decay=lam)
+    H = ridge_hessian(X, lam)
     lev = torch.einsum("ij,jk,ik->i", X, torch.linalg.inv(H), X) / n
     loo = torch.stack([ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype).index_fill(0, torch.tensor([j]), 0.)) - theta
                        for j in range(n)])
@@ -51,37 +32,33 @@ def test_ridge_removal_equals_exact_loo_up_to_leverage(n, d, lam, seed):
 
 
 def test_ridge_scores_match_loo_test_loss_change():
-    X, y, lam = ridge_problem()
+    (X, y), lam = ridge_data(), 0.1
     n = len(y)
-    theta = ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype))
+    theta = ridge_fit(X, y, lam)
     Xt, yt = X[:3] + 0.5, y[:3]
-    s = influence_scores(ridge_model(theta), half_mse, (X, y), (Xt, yt), weight_decay=lam)
-    H = X.T @ X / n + lam * torch.eye(d := X.shape[1], dtype=X.dtype)
+    s = influence_scores(linear_model(theta), half_mse, (X, y), (Xt, yt), weight_decay=lam)
+    H = ridge_hessian(X, lam)
     lev = torch.einsum("ij,jk,ik->i", X, torch.linalg.inv(H), X) / n
     # first-order in the parameter change: ∇ℓ_tᵀ Δθ_LOO (1 - h_j) equals the score exactly
     loo = torch.stack([ridge_fit(X, y, lam, torch.ones(n, dtype=X.dtype).index_fill(0, torch.tensor([j]), 0.)) - theta
                        for j in range(n)])
     gt = (Xt @ theta - yt)[:, None] * Xt
     torch.testing.assert_close(s, gt @ (loo * (1 - lev[:, None])).T, rtol=1e-6, atol=1e-10)
-    torch.testing.assert_close(upweight_influence(ridge_model(theta), half_mse, (X, y), (Xt, yt), weight_decay=lam),
+    torch.testing.assert_close(upweight_influence(linear_model(theta), half_mse, (X, y), (Xt, yt), weight_decay=lam),
                                -n * s)
 
 
+@functools.cache
+def _trained_mlp(seed, n, wd):
+    X, y = random_classification(n, seed=seed)
+    m = fit(mlp(4, 5, 3, seed=seed), nn.functional.cross_entropy, X.double(), y, wd)   # θ* in float64 ...
+    return m.float(), X, y                                                              # ... scored in float32
+
+
 def trained_mlp(seed=0, n=60, wd=1e-2):
-    g = torch.Generator().manual_seed(seed)
-    X, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
-    opt = torch.optim.LBFGS(m.parameters(), max_iter=500, tolerance_grad=1e-9, tolerance_change=0,
-                            line_search_fn="strong_wolfe")
-    def closure():
-        opt.zero_grad()
-        l = nn.functional.cross_entropy(m(X), y) + 0.5 * wd * sum(p.square().sum() for p in m.parameters())
-        l.backward()
-        return l
-    for _ in range(3):
-        opt.step(closure)
-    return m, X, y, wd
+    "A fresh copy of the float32 4-5-3 tanh MLP at θ* on 60 random points (labels without signal), and its data."
+    m, X, y = _trained_mlp(seed, n, wd)
+    return copy.deepcopy(m), X.clone(), y.clone(), wd
 
 
 @settings(max_examples=10, deadline=None)
@@ -136,8 +113,7 @@ def test_dataset_and_dataloader_inputs_agree():
 
 
 def test_model_mode_is_restored_and_batchnorm_uses_running_stats():
-    g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(50, 4, generator=g), torch.randint(0, 2, (50,), generator=g)
+    X, y = random_classification(50, c=2)
     m = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2))
     m.train()
     s = influence_scores(m, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]), damping=1.0)
@@ -168,8 +144,7 @@ def test_bad_inputs():
 
 
 def test_singular_hessian_names_eigenvalue_and_damping():
-    g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g)
+    X, y = random_classification(20)
     wide = nn.Sequential(nn.Linear(4, 30), nn.ReLU(), nn.Linear(30, 3))
     with pytest.raises(HessianNotPositiveDefinite, match=r"smallest eigenvalue .* pass damping >"):
         influence_scores(wide, nn.CrossEntropyLoss(), (X, y), (X[:2], y[:2]))
@@ -276,7 +251,7 @@ def test_auto_hvp_mode_is_chosen_per_batch_size():
     W = torch.randn(100, 43, generator=g, dtype=torch.float64)     # many rows: timed in pieces within one call
     many = make(batch_size=60, hvp_chunk=16)
     torch.testing.assert_close(many.hvp(W), make(batch_size=60, hvp_mode="vmap").hvp(W))
-    assert list(many.hvp_modes) == [60] and many._piece_rows(X, y) == 16   # pieces of hvp_chunk rows for a tiny model
+    assert list(many.hvp_modes) == [60] and many.curvature.tuner.piece_rows(X, y) == 16   # pieces of hvp_chunk rows for a tiny model
 
 
 def test_auto_hvp_pieces_shrink_with_the_batch_activations():
@@ -284,7 +259,7 @@ def test_auto_hvp_pieces_shrink_with_the_batch_activations():
     wide = nn.Sequential(nn.Linear(4, 20000), nn.Tanh(), nn.Linear(20000, 3)).double()
     X, y = torch.randn(200, 4, dtype=torch.float64), torch.randint(0, 3, (200,))
     inf = Influence(wide, nn.CrossEntropyLoss(), (X, y), batch_size=200)
-    big, small = inf._piece_rows(X, y), inf._piece_rows(X[:2], y[:2])   # ~64 MB of saved activations per piece
+    big, small = inf.curvature.tuner.piece_rows(X, y), inf.curvature.tuner.piece_rows(X[:2], y[:2])   # ~64 MB of saved activations per piece
     assert big == 2 and small >= 16                                     # 200 x 20,000 float64 = 32 MB per tensor
     V = torch.randn(5, inf.num_params, dtype=torch.float64)
     torch.testing.assert_close(inf.hvp(V), Influence(wide, nn.CrossEntropyLoss(), (X, y), batch_size=200,

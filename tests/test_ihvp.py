@@ -1,12 +1,14 @@
 "Tests of influence_nb.ihvp: CG and LiSSA against the exact solve, divergence detection, flat memory, spectrum tools."
+import math
 import warnings
+
 import pytest
 import torch
+from influence_nb.core import Curvature
 from torch import nn
-from sklearn.datasets import load_iris
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-import math
+from conftest import iris, iris_mlp, ridge_data, half_mse, ridge_hessian
 from influence_nb.core import (Influence, ExactSolver, HessianNotPositiveDefinite, influence_scores, SOLVERS, make_solver,
                                InfluenceError, NonFiniteError, NotConvergedWarning, NotConvergedError)
 from influence_nb.ihvp import (CGSolver, BlockCGSolver, LissaSolver, LissaDivergence, LissaOverflow, top_eigenvalue,
@@ -14,33 +16,20 @@ from influence_nb.ihvp import (CGSolver, BlockCGSolver, LissaSolver, LissaDiverg
 
 torch.set_num_threads(1)
 CE = nn.CrossEntropyLoss()
+WD = 1e-3
 
 
-def _data():
-    X, y = load_iris(return_X_y=True)
-    X = torch.tensor((X - X.mean(0)) / X.std(0)); y = torch.tensor(y)
-    return X[:120], y[:120], X[120:], y[120:]
-
-
-def _trained_mlp(depth=1, width=5, wd=1e-3, seed=0):
-    X, y, _, _ = _data()
-    torch.manual_seed(seed)
-    layers, d = [], 4
-    for _ in range(depth): layers += [nn.Linear(d, width), nn.Tanh()]; d = width
-    m = nn.Sequential(*layers, nn.Linear(d, 3)).double()
-    opt = torch.optim.LBFGS(m.parameters(), max_iter=1000, tolerance_grad=1e-12, tolerance_change=0,
-                            history_size=50, line_search_fn="strong_wolfe")
-    def closure():
-        opt.zero_grad(); l = CE(m(X), y) + wd / 2 * sum((p ** 2).sum() for p in m.parameters()); l.backward(); return l
-    for _ in range(4): opt.step(closure)
-    return m
+def test_the_test_points_span_every_class():
+    "Iris is sorted by class: an unshuffled 120/30 split tests on class 2 alone. The shared split is shuffled."
+    _, y, _, yt = iris()
+    assert set(yt.tolist()) == set(y.tolist()) == {0, 1, 2} and min(torch.bincount(yt)) >= 5
 
 
 @pytest.fixture(scope="module")
 def setup():
-    X, y, Xt, yt = _data()
-    m = _trained_mlp()
-    inf = Influence(m, CE, (X, y), weight_decay=1e-3, dtype=torch.float64)
+    X, y, Xt, yt = iris()
+    m = iris_mlp(lam=WD)
+    inf = Influence(m, CE, (X, y), weight_decay=WD, dtype=torch.float64)
     return m, inf, (X, y), (Xt, yt), inf.grad_matrix((Xt, yt))
 
 
@@ -67,7 +56,7 @@ def test_cg_refuses_indefinite_and_reports_cap(setup):
     inf0 = Influence(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), CE, train, dtype=torch.float64)
     with pytest.raises(HessianNotPositiveDefinite, match="pass damping >"):
         CGSolver().solve(inf0, inf0.grad_matrix(train)[:3])
-    inf = Influence(m, CE, train, weight_decay=1e-3, dtype=torch.float64)
+    inf = Influence(m, CE, train, weight_decay=WD, dtype=torch.float64)
     with pytest.warns(NotConvergedWarning, match="max_iter=3"):
         _, info = CGSolver(max_iter=3).solve(inf, G)
     assert info.converged is False and not info.details["converged"] and info.iterations == 3
@@ -75,21 +64,21 @@ def test_cg_refuses_indefinite_and_reports_cap(setup):
 
 def test_solver_names_reach_the_engine(setup):
     m, _, train, test, _ = setup
-    exact = influence_scores(m, CE, train, test, weight_decay=1e-3, dtype=torch.float64)
-    cg, info = influence_scores(m, CE, train, test, weight_decay=1e-3, dtype=torch.float64, solver="cg",
+    exact = influence_scores(m, CE, train, test, weight_decay=WD, dtype=torch.float64)
+    cg, info = influence_scores(m, CE, train, test, weight_decay=WD, dtype=torch.float64, solver="cg",
                                 tol=1e-10, return_info=True)
     assert info.solver == "cg"
     torch.testing.assert_close(cg, exact, rtol=1e-6, atol=1e-9 * float(exact.abs().max()))
-    s, info = influence_scores(m, CE, train, test, weight_decay=1e-3, damping=0.01, dtype=torch.float64,
+    s, info = influence_scores(m, CE, train, test, weight_decay=WD, damping=0.01, dtype=torch.float64,
                                solver="lissa", depth=50, on_fail="ignore", return_info=True)
     assert info.solver == "lissa" and info.details["depth"] == 50 and torch.isfinite(s).all()
-    import math; assert math.isfinite(info.residual)
+    assert math.isfinite(info.residual)
 
 
 def test_lissa_reaches_tolerance_full_batch(setup):
     "With the whole training set as the batch LiSSA is deterministic: relative error below 1e-6."
     m, _, train, _, G = setup
-    inf = Influence(m, CE, train, weight_decay=1e-3, damping=0.1, dtype=torch.float64)
+    inf = Influence(m, CE, train, weight_decay=WD, damping=0.1, dtype=torch.float64)
     Xe, _ = ExactSolver().solve(inf, G[:3])
     X, info = LissaSolver(depth=600, batch_size=len(train[1]), scale_probes=1).solve(inf, G[:3])
     assert float(((X - Xe).norm(dim=1) / Xe.norm(dim=1)).max()) < 1e-6 and info.residual < 1e-6
@@ -98,7 +87,7 @@ def test_lissa_reaches_tolerance_full_batch(setup):
 def test_lissa_reaches_tolerance_minibatch(setup):
     "Minibatches of 32, depth 1500, 3 repeats, δ=0.01: relative error below 10% of the exact damped solve."
     m, _, train, _, G = setup
-    inf = Influence(m, CE, train, weight_decay=1e-3, damping=0.01, dtype=torch.float64)
+    inf = Influence(m, CE, train, weight_decay=WD, damping=0.01, dtype=torch.float64)
     Xe, _ = ExactSolver().solve(inf, G[:3])
     X, info = LissaSolver(depth=1500, repeats=3, batch_size=32).solve(inf, G[:3])
     rel = float(((X - Xe).norm(dim=1) / Xe.norm(dim=1)).max())
@@ -169,14 +158,12 @@ def test_power_iteration_diagonal(diag, seed):
 @given(st.integers(3, 12), st.floats(1e-2, 1.), st.integers(0, 10_000))
 def test_cg_solves_random_spd_ridge(p, lam, seed):
     "On ridge regression (H = XᵀX/n + λI, exactly known) CG matches torch.linalg.solve to 1e-8."
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(30, p, generator=g, dtype=torch.float64); y = torch.randn(30, generator=g, dtype=torch.float64)
+    X, y = ridge_data(30, p, seed)
     lin = nn.Sequential(nn.Linear(p, 1, bias=False), nn.Flatten(0)).double()
-    inf = Influence(lin, lambda o, t: 0.5 * ((o - t) ** 2).mean(), (X, y), weight_decay=lam, dtype=torch.float64)
-    V = torch.randn(3, p, generator=g, dtype=torch.float64)
+    inf = Influence(lin, half_mse, (X, y), weight_decay=lam, dtype=torch.float64)
+    V = torch.randn(3, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     Xs, info = CGSolver(tol=1e-12, max_iter=10 * p).solve(inf, V)
-    H = X.T @ X / 30 + lam * torch.eye(p, dtype=torch.float64)
-    torch.testing.assert_close(Xs, torch.linalg.solve(H, V.T).T, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(Xs, torch.linalg.solve(ridge_hessian(X, lam), V.T).T, rtol=1e-8, atol=1e-10)
 
 
 def test_minibatches_shapes_and_full_batch(setup):
@@ -227,21 +214,17 @@ def test_block_cg_refuses_indefinite_and_bad_options(setup):
 @settings(max_examples=10, deadline=None)
 @given(p=st.integers(2, 12), k=st.integers(1, 8), lam=st.floats(0.01, 1.0), seed=st.integers(0, 1000))
 def test_block_cg_solves_random_ridge(p, k, lam, seed):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(30, p, generator=g, dtype=torch.float64); y = torch.randn(30, generator=g, dtype=torch.float64)
-    m = nn.Linear(p, 1, bias=False).double()
-    loss = lambda o, t: 0.5 * ((o.squeeze(-1) - t) ** 2).mean()
-    inf = Influence(m, loss, (X, y), weight_decay=lam)
-    V = torch.randn(k, p, generator=g, dtype=torch.float64)
+    X, y = ridge_data(30, p, seed)
+    inf = Influence(nn.Linear(p, 1, bias=False).double(), half_mse, (X, y), weight_decay=lam)
+    V = torch.randn(k, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     Xb, info = BlockCGSolver(tol=1e-10).solve(inf, V)
-    A = X.T @ X / 30 + lam * torch.eye(p, dtype=torch.float64)
-    torch.testing.assert_close(Xb, torch.linalg.solve(A, V.T).T, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(Xb, torch.linalg.solve(ridge_hessian(X, lam), V.T).T, rtol=1e-7, atol=1e-9)
 
 
 # ---------------------------------------------------------------- the solver contract (issue 15)
 import influence_nb.ihvp  # noqa: E402,F401  (registers the iterative solvers in SOLVERS)
 
-DAMP, WD = 0.1, 1e-3
+DAMP = 0.1
 GOOD = {"exact": {}, "cg": dict(tol=1e-10), "block_cg": dict(tol=1e-10),
         "lissa": dict(depth=800, batch_size=120, scale_probes=1)}     # whole set per step: deterministic
 TOL = {"lissa": 1e-6}                                                  # truncated recursion: looser
@@ -320,7 +303,7 @@ def test_option_misuse_specific(setup):
         with pytest.raises(InfluenceError, match=r"rank_tol must be a number in \(0, 1\)"): BlockCGSolver(rank_tol=v)
     with pytest.raises(InfluenceError, match="warn=False contradicts"): CGSolver(warn=False, on_fail="raise")
     with pytest.raises(InfluenceError, match="foo"):
-        Influence(m, CE, train, weight_decay=1e-3, solver="cg", foo=1)
+        Influence(m, CE, train, weight_decay=WD, solver="cg", foo=1)
     assert CGSolver(warn=False).on_fail == "ignore" and CGSolver().on_fail == "warn"     # the old spelling still works
     for bad in (dict(batch_size=0), dict(repeats=1.0), dict(scale_probes=0), dict(max_growth=0), dict(seed=0.5)):
         with pytest.raises(InfluenceError, match=next(iter(bad))): LissaSolver(**bad)
@@ -347,7 +330,7 @@ def test_lissa_failures_of_issue_15_warn(setup):
     msg = str(w[0].message)
     assert "raise depth" in msg and f"scale={1000 * s:.4g} (as given)" in msg and "repeats" in msg and "batch_size" in msg
     with pytest.raises(NotConvergedError): LissaSolver(scale=1000 * s, on_fail="raise").solve(inf, V)
-    m2 = _trained_mlp(depth=2)
+    m2 = iris_mlp(hidden=(5, 5), lam=WD)
     inf2 = Influence(m2, CE, train, weight_decay=WD, damping=1e-6, dtype=torch.float64)
     V2 = inf2.grad_matrix(test)
     Xe2, _ = ExactSolver().solve(inf2, V2)
@@ -367,7 +350,11 @@ def _poisoned(setup, after=1):
             calls[0] += 1; out = f(*a, **k)
             return out * float("nan") if calls[0] >= after else out
         return g
-    inf.hvp, inf.batch_hvp = poison(inf.hvp), poison(inf.batch_hvp)
+    class Poisoned(Curvature):          # the operator is immutable: a poisoned one replaces it
+        __slots__ = ()
+        hvp, batch_hvp = poison(Curvature.hvp), poison(Curvature.batch_hvp)
+    op = inf.curvature
+    inf.curvature = Poisoned(inf, op.data, op.weight_decay, op.damping, op.tuner)
     return inf, V
 
 

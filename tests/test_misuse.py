@@ -48,27 +48,18 @@ PKG_DIR = str(Path(influence_nb.__file__).resolve().parent)
 
 
 # ======================================================================================================== fixtures
-@functools.cache
-def _iris():
-    "Iris, shuffled with a seeded permutation, 120 train / 30 test, standardised with the training statistics."
-    from sklearn.datasets import load_iris
-    X, y = load_iris(return_X_y=True)
-    X, y = torch.tensor(X, dtype=F64), torch.tensor(y, dtype=torch.long)
-    perm = torch.randperm(150, generator=torch.Generator().manual_seed(0))
-    X, y = X[perm], y[perm]
-    mu, sd = X[:120].mean(0), X[:120].std(0)
-    X = (X - mu) / sd
-    return X[:120], y[:120], X[120:], y[120:]
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # the shared fixtures, also when run as a script
+from conftest import fit as _fit, iris_mlp, iris_test, iris_train, mlp as _mlp_of   # noqa: E402
 
 
 def tr():
-    "Fresh copies of the training set (X (120, 4) float64, y (120,) long)."
-    X, y, _, _ = _iris(); return X.clone(), y.clone()
+    "Fresh copies of the Iris training set (X (120, 4) float64, y (120,) long; conftest.iris: seeded shuffle)."
+    return iris_train()
 
 
 def te():
-    "Fresh copies of the test set (X (30, 4) float64, y (30,) long)."
-    _, _, X, y = _iris(); return X.clone(), y.clone()
+    "Fresh copies of the Iris test set (X (30, 4) float64, y (30,) long)."
+    return iris_test()
 
 
 def ce_ref(o, t):
@@ -76,32 +67,19 @@ def ce_ref(o, t):
     return -o.log_softmax(-1).gather(-1, t[:, None].long())[:, 0]
 
 
-def fit(model, per_ex, X, y, lam=LAM, iters=400):
-    "Train to θ* with L-BFGS on mean per-example loss + (λ/2)|θ|² over the trainable parameters; returns the model (eval)."
-    ps = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.LBFGS(ps, lr=1, max_iter=iters, history_size=50, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
-    def closure():
-        opt.zero_grad()
-        loss = per_ex(model(X), y).mean() + lam / 2 * sum((p ** 2).sum() for p in ps)
-        loss.backward(); return loss
-    for _ in range(3): opt.step(closure)
-    return model.eval()
+def fit(model, per_ex, X, y, lam=LAM):
+    "Train to θ* (conftest.fit: L-BFGS on mean per-example loss + (λ/2)|θ|² over the trainable parameters), eval mode."
+    return _fit(model, per_ex, X, y, lam)
 
 
-def _mlp(out=3, seed=0, extra=()):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), *extra, nn.Linear(5, out)).to(F64)
-
-
-@functools.cache
-def _trained_mlp():
-    X, y = tr(); return fit(_mlp(), ce_ref, X, y)
+def _mlp(out=3, seed=0):
+    "The 4-5-out tanh MLP, float64, seeded, untrained."
+    return _mlp_of(4, 5, out, seed=seed)
 
 
 def mlp():
     "A fresh copy of the 4-5-3 tanh MLP at θ* (float64, eval mode)."
-    return copy.deepcopy(_trained_mlp())
+    return iris_mlp(lam=LAM)
 
 
 def reg_targets(y): return (y.to(F64) - 1.)[:, None]          # class index as a regression target, (n, 1)
@@ -127,8 +105,7 @@ def _trained_bin():
 @functools.cache
 def _trained_bn():
     "Linear -> BatchNorm1d -> tanh -> Linear, running stats set from the training data, then trained in eval mode."
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, momentum=None), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    m = _mlp_of(4, 5, 3, mid=[nn.BatchNorm1d(5, momentum=None)])
     X, y = tr()
     with torch.no_grad(): m.train()(X)
     return fit(m.eval(), ce_ref, X, y)
@@ -1095,8 +1072,8 @@ def _(): m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te()
 
 class BNBatchStats(nn.Module):
     def __init__(s):
-        super().__init__(); torch.manual_seed(0)
-        s.net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+        super().__init__()
+        s.net = _mlp_of(4, 5, 3, mid=[nn.BatchNorm1d(5, track_running_stats=False)])
     def forward(s, x): return s.net(x)
 
 @case("grad-batchnorm-batch-stats", "grad mode", E("batch"),
@@ -1105,9 +1082,7 @@ def _(): return influence_scores(BNBatchStats(), nn.CrossEntropyLoss(), tr(), te
 
 @functools.cache
 def _trained_layernorm():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
-    X, y = tr(); return fit(m, ce_ref, X, y)
+    X, y = tr(); return fit(_mlp_of(4, 5, 3, mid=[nn.LayerNorm(5)]), ce_ref, X, y)
 
 @case("api-layernorm-auto", "scores API", Right(lambda: reference(_trained_layernorm(), ce_ref, tr(), te(), key="ln")["scores"]),
       "a LayerNorm model, method='auto' (not every parameter in a Linear: another method)")

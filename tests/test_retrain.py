@@ -12,6 +12,8 @@ from influence_nb.retrain import (RetrainConfig, LOOResult, NoiseFloor, removal_
                                   per_example_cross_entropy, retrain_sequential, stack_state, train_stack,
                                   stack_losses, loo_retrain, noise_floor, above_noise, fast_path_layers)
 
+from conftest import mlp as make_mlp, random_classification, ridge_data
+
 PROP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -24,14 +26,13 @@ def one_thread():
 
 
 def data(n=30, d=4, c=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g)
+    "float32 Gaussian features, uniform labels (conftest.random_classification)."
+    return random_classification(n, d, c, seed)
 
 
 def mlp(seed=0, bn=False):
-    torch.manual_seed(seed)
-    mid = [nn.BatchNorm1d(6)] if bn else []
-    return nn.Sequential(nn.Linear(4, 6), *mid, nn.Tanh(), nn.Linear(6, 3))
+    "The float32 4-6-3 tanh MLP, optionally with a BatchNorm1d before the tanh (conftest.mlp)."
+    return make_mlp(4, 6, 3, seed=seed, dtype=torch.float32, mid=[nn.BatchNorm1d(6)] if bn else [])
 
 
 def seq_losses(net, X, y, Xt, yt, w, cfg):
@@ -237,9 +238,8 @@ def test_keep_params_false_and_empty():
 
 def test_ridge_matches_closed_form_loo():
     "Convex check: GD retraining from θ* reaches the exact ridge leave-one-out solution."
-    g = torch.Generator().manual_seed(0)
     n, lam = 40, 0.1
-    X = torch.randn(n, 2, generator=g, dtype=torch.float64); y = X @ torch.tensor([1., -1.], dtype=torch.float64) + 0.2 * torch.randn(n, generator=g, dtype=torch.float64)
+    X, y = ridge_data(n, 2, noise=0.2)
     A = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
     def solve(w):
         H = 2 / n * A.T @ (w[:, None] * A) + lam * torch.eye(3, dtype=torch.float64)
