@@ -19,7 +19,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import iris_case, cnn_case, lenet                 # noqa: E402
-from influence_nb.scoring import Influence                     # noqa: E402
+from influence_nb.core import Influence                        # noqa: E402
 
 
 def models():
@@ -30,6 +30,27 @@ def models():
            torch.randint(0, 10, (500,), generator=g), 8)
     yield ("LeNet-5 (61,706 params, batch 100, 10 vectors: LiSSA's step)", lenet(),
            torch.randn(100, 1, 28, 28, generator=g), torch.randint(0, 10, (100,), generator=g), 10)
+
+
+def hvp_jobs(model, F, X, y, k):
+    "The ways to take k HVPs of one case, as zero-argument jobs (closures over this call, not over a loop)."
+    inf = Influence(model, F, (X, y), batch_size=len(y))
+    V = torch.randn(k, inf.num_params, dtype=inf.dtype, generator=torch.Generator().manual_seed(1))
+    g = lambda th: grad(inf.batch_loss)(th, X, y)
+    f1 = lambda v: jvp(g, (inf.theta,), (v,))[1]
+    def rr_loop():
+        _, pull = vjp(g, inf.theta); return torch.stack([pull(v)[0] for v in V])
+    def rr_vmap():
+        _, pull = vjp(g, inf.theta); return vmap(lambda v: pull(v)[0])(V)
+    engine = Influence(model, F, (X, y), batch_size=len(y))
+    for _ in range(6): engine.hvp(V)                # 'auto' tries each way three times, then keeps the faster
+    def auto():
+        return engine.hvp(V)
+    def fb():
+        model.zero_grad(); F(model(X), y).backward()
+    jobs = {"fr_vmap": lambda: vmap(f1)(V), "fr_loop": lambda: torch.stack([f1(v) for v in V]),
+            "rr_loop": rr_loop, "rr_vmap": rr_vmap, "auto": auto, "fb": fb}
+    return inf, engine, V, jobs
 
 
 def main():
@@ -43,22 +64,7 @@ def main():
           "(picked) | forward+backward | speed-up of 'auto' over fwd-over-rev vmap |")
     print("|---|---|---|---|---|---|---|---|")
     for name, model, X, y, k in models():
-        inf = Influence(model, F, (X, y), batch_size=len(y))
-        V = torch.randn(k, inf.num_params, dtype=inf.dtype, generator=torch.Generator().manual_seed(1))
-        g = lambda th: grad(inf.batch_loss)(th, X, y)
-        f1 = lambda v: jvp(g, (inf.theta,), (v,))[1]
-        def rr_loop():
-            _, pull = vjp(g, inf.theta); return torch.stack([pull(v)[0] for v in V])
-        def rr_vmap():
-            _, pull = vjp(g, inf.theta); return vmap(lambda v: pull(v)[0])(V)
-        engine = Influence(model, F, (X, y), batch_size=len(y))
-        for _ in range(6): engine.hvp(V)                # 'auto' tries each way three times, then keeps the faster
-        def auto():
-            return engine.hvp(V)
-        def fb():
-            model.zero_grad(); F(model(X), y).backward()
-        jobs = {"fr_vmap": lambda: vmap(f1)(V), "fr_loop": lambda: torch.stack([f1(v) for v in V]),
-                "rr_loop": rr_loop, "rr_vmap": rr_vmap, "auto": auto, "fb": fb}
+        inf, engine, V, jobs = hvp_jobs(model, F, X, y, k)
         ref = jobs["fr_vmap"]()
         for nm in ("rr_loop", "rr_vmap", "auto"):      # same numbers, whichever way
             torch.testing.assert_close(jobs[nm]() - inf.weight_decay * V, ref, rtol=1e-4, atol=1e-4)
@@ -70,7 +76,8 @@ def main():
         print(f"| {name} | {ms['fr_vmap']:.3g} | {ms['fr_loop']:.3g} | {ms['rr_loop']:.3g} | {ms['rr_vmap']:.3g} | "
               f"{ms['auto']:.3g} ({engine.hvp_modes.get(len(y))}) | {ms['fb']:.3g} | {ms['fr_vmap'] / ms['auto']:.1f}x |",
               flush=True)
-    print("\nms per vector (forward+backward: ms per batch); medians of", args.repeats, "repeats,", args.threads, "thread(s)")
+    print("\nms per vector (forward+backward: ms per batch); medians of", args.repeats, "repeats,", args.threads,
+          "thread(s)")
 
 
 if __name__ == "__main__":

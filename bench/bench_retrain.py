@@ -48,7 +48,8 @@ def main():
     layers, d = [], 4
     for _ in range(args.depth): layers += [nn.Linear(d, args.width), nn.Tanh()]; d = args.width
     net = nn.Sequential(*layers, nn.Linear(d, 3))
-    net = retrain_sequential(net, Xtr, ytr, torch.ones(len(Xtr)), RetrainConfig(args.train_steps, args.lr, args.weight_decay))
+    net = retrain_sequential(net, Xtr, ytr, torch.ones(len(Xtr)),
+                             RetrainConfig(args.train_steps, args.lr, args.weight_decay))
     cfg = RetrainConfig(steps=args.steps, lr=args.lr, weight_decay=args.weight_decay)
     removed = torch.arange(args.k)
     p = sum(q.numel() for q in net.parameters())
@@ -71,7 +72,7 @@ def main():
         bat_runs.append(timed(batched))
         seq, w, c = [], 0.0, 0.0
         for half in (removed[: args.k // 2], removed[args.k // 2:]):
-            out, dw, dc = timed(lambda: sequential(half))
+            out, dw, dc = timed(lambda half=half: sequential(half))
             seq += out; w += dw; c += dc
             bat_runs.append(timed(batched))
         seq_runs.append((torch.stack(seq), w, c))
@@ -85,8 +86,8 @@ def main():
     res = bat_runs[0][0]
     diff = (seq_runs[0][0] - res.test_losses).abs().max().item()
     T = args.steps
-    print(f"\n| threads | path | wall (s) | CPU (s) | µs per step | speed-up wall | speed-up CPU |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("\n| threads | path | wall (s) | CPU (s) | µs per step | speed-up wall | speed-up CPU |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {args.threads} | sequential loop, {args.k} retrains (median of {len(seq_runs)}) | {t_seq:.2f} | {c_seq:.2f} "
           f"| {t_seq / (args.k * T) * 1e6:.0f} (one model) | 1.0x | 1.0x |")
     print(f"| {args.threads} | batched fast path, {args.k}+1 models (median of {len(bat_runs)}) | {t_bat:.2f} | {c_bat:.2f} "

@@ -47,7 +47,8 @@ METHODS = {
     "iris":    ["ours_exact", "pydvl_direct", "captum_naive"],
     "cnn":     ["ours_exact", "pydvl_direct", "captum_naive", "ours_cg", "ours_cg_block", "pydvl_cg", "pydvl_cg_block",
                 "captum_arnoldi", "ours_lissa", "pydvl_lissa"],
-    "fashion": ["ours_cg", "ours_cg_block", "pydvl_cg", "pydvl_cg_block", "captum_arnoldi", "ours_lissa", "pydvl_lissa"],
+    "fashion": ["ours_cg", "ours_cg_block", "pydvl_cg", "pydvl_cg_block", "captum_arnoldi", "ours_lissa",
+                "pydvl_lissa"],
 }
 # calls per process: the first pays one-time costs and is reported apart; the median of the others is the time
 CALLS = {"iris": 7, "cnn": 1, "fashion": 1}
@@ -90,7 +91,7 @@ def _loader(X, y, batch_size, shuffle=False):
 
 def lissa_scale(case):
     "LiSSA's scale, the same for every library: 1.1 × (top eigenvalue of H + λ + δ), by our Lanczos (not timed)."
-    from influence_nb.scoring import Influence
+    from influence_nb.core import Influence
     from influence_nb.ihvp import top_eigenvalue
     import torch
     path = Path(tempfile.gettempdir()) / f"influence_bench_scale_{case.name}.json"
@@ -112,7 +113,7 @@ def method_fn(case, method, settings):
     hX, hy = case.hessian_data()
     test = (case.X_test, case.y_test)
     if method.startswith("ours"):
-        from influence_nb.scoring import Influence
+        from influence_nb.core import Influence
         from influence_nb.ihvp import CGSolver, BlockCGSolver, LissaSolver
         solver = {"ours_exact": lambda: "exact",
                   "ours_cg": lambda: CGSolver(**settings["cg"], on_fail="ignore"),
@@ -141,7 +142,7 @@ def method_fn(case, method, settings):
             s = settings["cg"]
             if method == "pydvl_cg_block": rtol, atol = s["tol"] ** 0.5, 0.0
             else:
-                from influence_nb.scoring import Influence
+                from influence_nb.core import Influence
                 bmin = float(Influence(case.model, F, test).grad_matrix(test).norm(dim=1).min())
                 rtol, atol = 0.0, (s["tol"] * bmin) ** 0.5
             model = CgInfluence(case.model, F, regularization=reg, rtol=rtol, atol=atol, maxiter=s["max_iter"],
@@ -251,7 +252,8 @@ def fmt_s(x: float) -> str:
 
 
 def run_one(case, method, out, timeout, mmap_threshold=None):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--case", case, "--method", method, "--out", str(out)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--case", case, "--method", method, "--out",
+           str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if mmap_threshold:      # glibc: a fixed threshold turns off its dynamic one, so large freed blocks go back to the OS
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
@@ -327,7 +329,8 @@ def main():
                     help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 131072): peak memory without "
                          "the heap growth that glibc's dynamic threshold allows")
     ap.add_argument("--out", default=None, help="folder for scores and timings (default runs/bench/<case>)")
-    ap.add_argument("--table", nargs="+", metavar="DIR", help="only print the table of earlier runs saved in DIR(s), merged")
+    ap.add_argument("--table", nargs="+", metavar="DIR",
+                    help="only print the table of earlier runs saved in DIR(s), merged")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--method", help=argparse.SUPPRESS)
     args = ap.parse_args()

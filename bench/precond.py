@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import ROOT, load_case                                      # noqa: E402
-from influence_nb.scoring import Influence                             # noqa: E402
+from influence_nb.core import Influence                                # noqa: E402
 from influence_nb.ihvp import _orth_rows                               # noqa: E402
 
 TOL = {"cnn": 1e-6, "fashion": 1e-4}      # the CG tolerances of peers.py
@@ -108,7 +108,8 @@ def main():
         path = ROOT / "models" / "cnn_hessian.pt"
         if path.exists(): H = torch.load(path)
         else:
-            t0 = time.perf_counter(); H = inf.hessian(); path.parent.mkdir(parents=True, exist_ok=True); torch.save(H, path)
+            t0 = time.perf_counter()
+            H = inf.hessian(); path.parent.mkdir(parents=True, exist_ok=True); torch.save(H, path)
             print(f"formed H in {time.perf_counter() - t0:.0f} s (cached in {path})", flush=True)
         Am = H.double() + case.damping * torch.eye(p, dtype=torch.float64)
         A, V = (lambda P: P @ Am), V.double()
@@ -146,7 +147,7 @@ def main():
         print(f"  {name}: block CG {bi} iterations, {bh + cost} HVPs; CG per test point {si} iterations (slowest), "
               f"{None if sh is None else sh + cost} HVPs  [{time.perf_counter() - t0:.1f} s]", flush=True)
     base = rows[0]
-    print(f"\n| preconditioner | block CG iterations | block CG HVPs | vs none | CG iterations (slowest) | CG HVPs | vs none |")
+    print("\n| preconditioner | block CG iterations | block CG HVPs | vs none | CG iterations (slowest) | CG HVPs | vs none |")
     print("|---|---|---|---|---|---|---|")
     for name, bi, bh, si, sh in rows:
         print(f"| {name} | {bi} | {bh} | {bh / base[2]:.2f}x | {si if si is not None else ''} | "

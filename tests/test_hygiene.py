@@ -34,5 +34,6 @@ def test_nbdev_command_changes_nothing(tmp_path, command):
 
 
 def test_readme_is_generated_from_index():
-    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "make_readme.py"), "--check"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / ".ci" / "make_readme.py"), "--check"], capture_output=True,
+                       text=True)
     assert r.returncode == 0, r.stderr + r.stdout

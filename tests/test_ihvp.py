@@ -53,7 +53,8 @@ def test_cg_several_rhs_equal_one_at_a_time(setup):
 
 def test_cg_refuses_indefinite_and_reports_cap(setup):
     m, _, train, _, G = setup
-    inf0 = Influence(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), CE, train, dtype=torch.float64)
+    inf0 = Influence(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double(), CE, train,
+                     dtype=torch.float64)
     with pytest.raises(HessianNotPositiveDefinite, match="pass damping >"):
         CGSolver().solve(inf0, inf0.grad_matrix(train)[:3])
     inf = Influence(m, CE, train, weight_decay=WD, dtype=torch.float64)
@@ -228,7 +229,8 @@ DAMP = 0.1
 GOOD = {"exact": {}, "cg": dict(tol=1e-10), "block_cg": dict(tol=1e-10),
         "lissa": dict(depth=800, batch_size=120, scale_probes=1)}     # whole set per step: deterministic
 TOL = {"lissa": 1e-6}                                                  # truncated recursion: looser
-TINY = {"cg": dict(max_iter=1), "block_cg": dict(max_iter=1), "lissa": dict(depth=1, batch_size=120, scale_probes=1)}   # depth 2 reaches residual 0.48 < tol=0.5 at δ=0.1
+TINY = {"cg": dict(max_iter=1), "block_cg": dict(max_iter=1),
+        "lissa": dict(depth=1, batch_size=120, scale_probes=1)}   # depth 2 reaches residual 0.48 < tol=0.5 at δ=0.1
 
 
 def _exact_reference(m, X, y, V):
@@ -362,7 +364,8 @@ def _poisoned(setup, after=1):
 def test_non_finite_hvp_is_named(setup, name):
     inf, V = _poisoned(setup, after=3)
     opts = {"lissa": dict(scale=5., depth=20)}.get(name, {})
-    with pytest.raises(NonFiniteError, match=rf"^{name}: .*not finite.*(iteration|step) [23]\b|^{name}: .*(iteration|step) [23]\b.*not finite"):
+    with pytest.raises(NonFiniteError,
+                       match=rf"^{name}: .*not finite.*(iteration|step) [23]\b|^{name}: .*(iteration|step) [23]\b.*not finite"):
         make_solver(name, **opts).solve(inf, V)
 
 

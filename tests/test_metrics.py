@@ -26,10 +26,12 @@ def test_correlation_matches_scipy_and_ci_is_ordered(xs, method):
 
 
 @PROP
-@given(xs=st.lists(st.integers(-1000, 1000), min_size=3, max_size=30, unique=True), scale=st.floats(0.1, 10), shift=st.integers(-1000, 1000))
+@given(xs=st.lists(st.integers(-1000, 1000), min_size=3, max_size=30, unique=True), scale=st.floats(0.1, 10),
+       shift=st.integers(-1000, 1000))
 def test_spearman_invariant_to_monotone_maps(xs, scale, shift):
     x = np.array(xs, dtype=float)  # distinct integers: the maps below cannot create ties by rounding
-    a, b = correlation(x, scale * x + shift, 'spearman', n_boot=100), correlation(x, np.exp(x / 1000) * scale, 'spearman', n_boot=0)
+    a, b = correlation(x, scale * x + shift, 'spearman', n_boot=100), correlation(x, np.exp(x / 1000) * scale,
+                                                                                  'spearman', n_boot=0)
     assert math.isclose(a.r, 1.0, abs_tol=1e-9) and math.isclose(a.low, 1.0, abs_tol=1e-9)
     assert b.r > 0.99
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse, contextlib, copy, functools, io, math, os, shutil, signal, sys, tempfile, threading, time, traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -279,28 +278,39 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(reduction="none"), t
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(reduction="sum"), tr(), te(), weight_decay=LAM)
 
 @case("loss-ce-sum-batch16", "losses", E("reduction='sum'"), "'sum' with small batches: still refused")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(reduction="sum"), tr(), te(), weight_decay=LAM, batch_size=16)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(reduction="sum"), tr(), te(), weight_decay=LAM, batch_size=16)
 
 @case("loss-ce-weight-mean", "losses", E("weight", "reduction='none'"),
       "issue 15: class-weighted mean depended on the number of test points and batch size")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(weight=W_CE), tr(), te(), weight_decay=LAM)
 
-@case("loss-ce-weight-mean-1test", "losses", E("weight", "reduction='none'"), "same, one test point (another code path)")
-def _(): X, y = te(); return influence_scores(mlp(), nn.CrossEntropyLoss(weight=W_CE), tr(), (X[:1], y[:1]), weight_decay=LAM)
+@case("loss-ce-weight-mean-1test", "losses", E("weight", "reduction='none'"),
+      "same, one test point (another code path)")
+def _():
+    X, y = te()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(weight=W_CE), tr(), (X[:1], y[:1]), weight_decay=LAM)
 
 @case("loss-ce-weight-none", "losses",
       Right(lambda: ref_for("wce")()["scores"]),
       "class weight with reduction='none': objective = plain mean of weighted per-example losses")
-def _(): return influence_scores(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), te(),
+                            weight_decay=LAM)
 
 @case("loss-ce-weight-none-1test", "losses",
       Right(lambda: ref_for("wce")()["scores"][:1]),
       "weighted per-example loss: one test point gives row 0 of the 30-point answer")
-def _(): X, y = te(); return influence_scores(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), (X[:1], y[:1]), weight_decay=LAM)
+def _():
+    X, y = te()
+    return influence_scores(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), (X[:1], y[:1]),
+                            weight_decay=LAM)
 
 @case("loss-ce-weight-none-batch16", "losses",
       Right(lambda: ref_for("wce")()["scores"]), "weighted per-example loss, batch_size=16")
-def _(): return influence_scores(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), te(), weight_decay=LAM, batch_size=16)
+def _():
+    return influence_scores(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), te(),
+                            weight_decay=LAM, batch_size=16)
 
 @case("loss-ce-ignore-index-in-train", "losses", E("ignore_index", "37"),
       "issue 15: a target equal to ignore_index (-100) gave a NaN score; refuse and name the example")
@@ -345,55 +355,76 @@ def _():
     return influence_scores(mlp_for("mse1h"), nn.MSELoss(reduction="none"), oh(tr()), oh(te()), weight_decay=LAM)
 
 @case("loss-mse-regression", "losses",
-      Right(lambda: reference(reg(), mse_ref, (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])), key="reg")["scores"]),
+      Right(lambda: reference(reg(), mse_ref, (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])),
+                              key="reg")["scores"]),
       "4-5-1 regression, MSELoss() with (n, 1) targets")
-def _(): return influence_scores(reg(), nn.MSELoss(), (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])), weight_decay=LAM)
+def _():
+    return influence_scores(reg(), nn.MSELoss(), (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])),
+                            weight_decay=LAM)
 
 @case("loss-mse-sum", "losses", E("reduction='sum'"), "MSELoss(reduction='sum') refused")
-def _(): return influence_scores(reg(), nn.MSELoss(reduction="sum"), (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])), weight_decay=LAM)
+def _():
+    return influence_scores(reg(), nn.MSELoss(reduction="sum"), (tr()[0], reg_targets(tr()[1])),
+                            (te()[0], reg_targets(te()[1])), weight_decay=LAM)
 
 @case("loss-smoothl1-mean", "losses",
       Right(lambda: reference(reg(), lambda o, t: F.smooth_l1_loss(o, t, reduction="none", beta=0.5).flatten(1).mean(1),
                               (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])), damping=1e-3)["scores"]),
       "SmoothL1Loss(beta=0.5) mean: a plain mean (damping 1e-3: the regression θ* is not its minimum)")
-def _(): return influence_scores(reg(), nn.SmoothL1Loss(beta=0.5), (tr()[0], reg_targets(tr()[1])), (te()[0], reg_targets(te()[1])), weight_decay=LAM, damping=1e-3)
+def _():
+    return influence_scores(reg(), nn.SmoothL1Loss(beta=0.5), (tr()[0], reg_targets(tr()[1])),
+                            (te()[0], reg_targets(te()[1])), weight_decay=LAM, damping=1e-3)
 
 @case("loss-bce-pos-weight", "losses",
-      Right(lambda: reference(binm(), bce_ref(2.0), (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])), key="bin")["scores"]),
+      Right(lambda: reference(binm(), bce_ref(2.0), (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])),
+                              key="bin")["scores"]),
       "BCEWithLogitsLoss(pos_weight=2) mean: a plain mean over examples")
-def _(): return influence_scores(binm(), nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0], dtype=F64)), (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])), weight_decay=LAM)
+def _():
+    return influence_scores(binm(), nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0], dtype=F64)),
+                            (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])), weight_decay=LAM)
 
 @case("loss-bce-none", "losses",
-      Right(lambda: reference(binm(), bce_ref(2.0), (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])), key="bin")["scores"]),
+      Right(lambda: reference(binm(), bce_ref(2.0), (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])),
+                              key="bin")["scores"]),
       "BCEWithLogitsLoss(pos_weight=2, reduction='none')")
-def _(): return influence_scores(binm(), nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0], dtype=F64), reduction="none"), (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])), weight_decay=LAM)
+def _():
+    return influence_scores(binm(), nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0], dtype=F64), reduction="none"),
+                            (tr()[0], bin_targets(tr()[1])), (te()[0], bin_targets(te()[1])), weight_decay=LAM)
 
 @case("loss-kldiv-batchmean", "losses",
-      Right(lambda: reference(nn.Sequential(*mlp(), nn.LogSoftmax(-1)), kl_ref, (tr()[0], SMOOTH(tr()[1])), (te()[0], SMOOTH(te()[1])), damping=1e-3)["scores"]),
+      Right(lambda: reference(nn.Sequential(*mlp(), nn.LogSoftmax(-1)), kl_ref, (tr()[0], SMOOTH(tr()[1])),
+                              (te()[0], SMOOTH(te()[1])), damping=1e-3)["scores"]),
       "KLDivLoss('batchmean') on soft targets: per-example sums (damping 1e-3: θ* is the CE minimum, not KL's)")
 def _():
     m = nn.Sequential(*mlp(), nn.LogSoftmax(-1))
-    return influence_scores(m, nn.KLDivLoss(reduction="batchmean"), (tr()[0], SMOOTH(tr()[1])), (te()[0], SMOOTH(te()[1])), weight_decay=LAM, damping=1e-3)
+    return influence_scores(m, nn.KLDivLoss(reduction="batchmean"), (tr()[0], SMOOTH(tr()[1])),
+                            (te()[0], SMOOTH(te()[1])), weight_decay=LAM, damping=1e-3)
 
 @case("loss-kldiv-sum", "losses", E("reduction='sum'"), "KLDivLoss(reduction='sum') refused")
 def _():
     m = nn.Sequential(*mlp(), nn.LogSoftmax(-1))
-    return influence_scores(m, nn.KLDivLoss(reduction="sum"), (tr()[0], SMOOTH(tr()[1])), (te()[0], SMOOTH(te()[1])), weight_decay=LAM)
+    return influence_scores(m, nn.KLDivLoss(reduction="sum"), (tr()[0], SMOOTH(tr()[1])), (te()[0], SMOOTH(te()[1])),
+                            weight_decay=LAM)
 
 @case("loss-callable-per-example", "losses", Right(lambda: REF()["scores"]), "a function returning (B,) losses")
-def _(): return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, reduction="none"), tr(), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, reduction="none"), tr(), te(), weight_decay=LAM)
 
 @case("loss-callable-mean", "losses", Right(lambda: REF()["scores"]), "a function returning the plain mean (checked)")
 def _(): return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t), tr(), te(), weight_decay=LAM)
 
 @case("loss-callable-sum", "losses", E("sum"), "a summing function refused")
-def _(): return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, reduction="sum"), tr(), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, reduction="sum"), tr(), te(), weight_decay=LAM)
 
-@case("loss-callable-weighted-mean", "losses", E("reduction='none'"), "a weighted-mean scalar: ask for per-example losses")
+@case("loss-callable-weighted-mean", "losses", E("reduction='none'"),
+      "a weighted-mean scalar: ask for per-example losses")
 def _(): return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, weight=W_CE), tr(), te(), weight_decay=LAM)
 
-@case("loss-callable-ignore-mean", "losses", E("reduction='none'"), "an ignore-index mean scalar: ask for per-example losses")
-def _(): return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, ignore_index=0), tr(), te(), weight_decay=LAM)
+@case("loss-callable-ignore-mean", "losses", E("reduction='none'"),
+      "an ignore-index mean scalar: ask for per-example losses")
+def _():
+    return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t, ignore_index=0), tr(), te(), weight_decay=LAM)
 
 @case("loss-callable-per-element", "losses", Right(lambda: ref_for("mse1h")()["scores"]),
       "a function returning per-element (B, 3) losses (the outputs' shape) on one-hot targets: averaged per example")
@@ -404,7 +435,9 @@ def _():
 @case("loss-callable-one-hot-inside", "losses",
       Either(Right(lambda: ref_for("mse1h")()["scores"]), E("vmap")),
       "F.one_hot inside loss_fn (data-dependent, not vmappable): the right numbers, or an error that names vmap")
-def _(): return influence_scores(mlp_for("mse1h"), lambda o, t: ((o - F.one_hot(t, 3)) ** 2).mean(1), tr(), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp_for("mse1h"), lambda o, t: ((o - F.one_hot(t, 3)) ** 2).mean(1), tr(), te(),
+                            weight_decay=LAM)
 
 @case("loss-callable-python-float", "losses", E("tensor"), "returns a Python float: refuse, it must return a tensor")
 def _(): return influence_scores(mlp(), lambda o, t: float(F.cross_entropy(o, t)), tr(), te(), weight_decay=LAM)
@@ -412,10 +445,12 @@ def _(): return influence_scores(mlp(), lambda o, t: float(F.cross_entropy(o, t)
 @case("loss-not-callable", "losses", E("callable"), "loss_fn='cross_entropy' (a string)")
 def _(): return influence_scores(mlp(), "cross_entropy", tr(), te(), weight_decay=LAM)
 
-@case("loss-class-not-instance", "losses", E(("instance", "CrossEntropyLoss()")), "nn.CrossEntropyLoss (the class) passed for an instance")
+@case("loss-class-not-instance", "losses", E(("instance", "CrossEntropyLoss()")),
+      "nn.CrossEntropyLoss (the class) passed for an instance")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss, tr(), te(), weight_decay=LAM)
 
-@case("loss-model-returns-tuple", "losses", E("tuple"), "model returns (logits, hidden) with CrossEntropyLoss(): name it")
+@case("loss-model-returns-tuple", "losses", E("tuple"),
+      "model returns (logits, hidden) with CrossEntropyLoss(): name it")
 def _():
     class Two(nn.Module):
         def __init__(s): super().__init__(); s.net = mlp()
@@ -427,30 +462,42 @@ def _():
     class Two(nn.Module):
         def __init__(s): super().__init__(); s.net = mlp()
         def forward(s, x): return s.net(x), x
-    return influence_scores(Two(), lambda o, t: F.cross_entropy(o[0], t, reduction="none"), tr(), te(), weight_decay=LAM)
+    return influence_scores(Two(), lambda o, t: F.cross_entropy(o[0], t, reduction="none"), tr(), te(),
+                            weight_decay=LAM)
 
 @case("loss-ce-float-targets", "losses", E("target", ("long", "dtype")),
       "class indices as float (y.double()) for CrossEntropyLoss: name the target dtype")
-def _(): X, y = tr(); Xt, yt = te(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y.double()), (Xt, yt.double()), weight_decay=LAM)
+def _():
+    X, y = tr()
+    Xt, yt = te()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y.double()), (Xt, yt.double()), weight_decay=LAM)
 
 
 # -------------------------------------------------------------------------------------------------------- loaders
 def dl(data, **kw): return DataLoader(TensorDataset(*data), **kw)
 
 @case("data-test-shuffle", "loaders/samplers", E("shuffle"), "issue 15: a shuffled test loader gave permuted rows")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, shuffle=True), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, shuffle=True), weight_decay=LAM)
 
 @case("data-train-shuffle", "loaders/samplers", E("shuffle"), "a shuffled training loader")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=32, shuffle=True), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=32, shuffle=True), te(), weight_decay=LAM)
 
 @case("data-test-subset-random-sampler", "loaders/samplers", E("sampler"), "SubsetRandomSampler on the test set")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, sampler=SubsetRandomSampler(range(30))), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(),
+                            dl(te(), batch_size=8, sampler=SubsetRandomSampler(range(30))), weight_decay=LAM)
 
 @case("data-train-subset-random-sampler", "loaders/samplers", E("sampler"), "SubsetRandomSampler of 96 training points")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=32, sampler=SubsetRandomSampler(range(96))), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(),
+                            dl(tr(), batch_size=32, sampler=SubsetRandomSampler(range(96))), te(), weight_decay=LAM)
 
 @case("data-train-weighted-sampler", "loaders/samplers", E("sampler"), "WeightedRandomSampler on the training set")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=32, sampler=WeightedRandomSampler(torch.ones(120), 120)), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(),
+                            dl(tr(), batch_size=32, sampler=WeightedRandomSampler(torch.ones(120), 120)), te(), weight_decay=LAM)
 
 class Reversed(Sampler):
     def __init__(s, n): s.n = n
@@ -458,7 +505,9 @@ class Reversed(Sampler):
     def __len__(s): return s.n
 
 @case("data-test-custom-sampler", "loaders/samplers", E("sampler"), "a custom (reversing) sampler on the test set")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, sampler=Reversed(30)), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, sampler=Reversed(30)),
+                            weight_decay=LAM)
 
 class ShuffledBatches(Sampler):
     def __init__(s, n, b): s.n, s.b = n, b
@@ -466,41 +515,62 @@ class ShuffledBatches(Sampler):
     def __len__(s): return math.ceil(s.n / s.b)
 
 @case("data-train-batch-sampler", "loaders/samplers", E("batch_sampler"), "a custom batch_sampler on the training set")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), DataLoader(TensorDataset(*tr()), batch_sampler=ShuffledBatches(120, 32)), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(),
+                            DataLoader(TensorDataset(*tr()), batch_sampler=ShuffledBatches(120, 32)), te(), weight_decay=LAM)
 
 @case("data-test-batch-sampler-sequential", "loaders/samplers", Either(Right(lambda: REF()["scores"]), E("batch_sampler")),
       "a user BatchSampler over a SequentialSampler (complete, in order): the right numbers, or refused as a batch_sampler")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), DataLoader(TensorDataset(*te()), batch_sampler=BatchSampler(SequentialSampler(range(30)), 7, False)), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(),
+                            DataLoader(TensorDataset(*te()), batch_sampler=BatchSampler(SequentialSampler(range(30)), 7, False)), weight_decay=LAM)
 
-@case("data-train-drop-last", "loaders/samplers", E("drop_last"), "issue 15: drop_last=True gave (30, 96) for 120 points")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=32, drop_last=True), te(), weight_decay=LAM)
+@case("data-train-drop-last", "loaders/samplers", E("drop_last"),
+      "issue 15: drop_last=True gave (30, 96) for 120 points")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=32, drop_last=True), te(),
+                            weight_decay=LAM)
 
 @case("data-test-drop-last", "loaders/samplers", E("drop_last"), "drop_last=True on the test loader (30 = 16 + 14)")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=16, drop_last=True), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=16, drop_last=True),
+                            weight_decay=LAM)
 
-@case("data-train-drop-last-exact", "loaders/samplers", Right(lambda: REF()["scores"]), "drop_last=True that drops nothing (120 = 3 x 40)")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=40, drop_last=True), te(), weight_decay=LAM)
+@case("data-train-drop-last-exact", "loaders/samplers", Right(lambda: REF()["scores"]),
+      "drop_last=True that drops nothing (120 = 3 x 40)")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=40, drop_last=True), te(),
+                            weight_decay=LAM)
 
 @case("data-sequential-loaders", "loaders/samplers", Right(lambda: REF()["scores"]), "sequential DataLoaders, batch 7")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=7), dl(te(), batch_size=7), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), dl(tr(), batch_size=7), dl(te(), batch_size=7),
+                            weight_decay=LAM)
 
-@case("data-explicit-sequential-sampler", "loaders/samplers", Right(lambda: REF()["scores"]), "sampler=SequentialSampler, batch 50")
+@case("data-explicit-sequential-sampler", "loaders/samplers", Right(lambda: REF()["scores"]),
+      "sampler=SequentialSampler, batch 50")
 def _():
     d = TensorDataset(*tr())
-    return influence_scores(mlp(), nn.CrossEntropyLoss(), DataLoader(d, batch_size=50, sampler=SequentialSampler(d)), te(), weight_decay=LAM)
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), DataLoader(d, batch_size=50, sampler=SequentialSampler(d)),
+                            te(), weight_decay=LAM)
 
 @case("data-tensordataset", "loaders/samplers", Right(lambda: REF()["scores"]), "TensorDatasets")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), TensorDataset(*tr()), TensorDataset(*te()), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), TensorDataset(*tr()), TensorDataset(*te()), weight_decay=LAM)
 
 @case("data-numpy", "loaders/samplers", Right(lambda: REF()["scores"]), "(X, y) as numpy arrays")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tuple(t.numpy() for t in tr()), tuple(t.numpy() for t in te()), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tuple(t.numpy() for t in tr()),
+                            tuple(t.numpy() for t in te()), weight_decay=LAM)
 
 @case("data-list-pair", "loaders/samplers", Right(lambda: REF()["scores"]), "[X, y] as a list")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), list(tr()), list(te()), weight_decay=LAM)
 
 @case("data-subset-ordered", "loaders/samplers",
       Right(lambda: REF()["scores"][torch.arange(29, -1, -1)]), "test = Subset(ds, reversed indices): an ordered map-style dataset")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), Subset(TensorDataset(*te()), list(range(29, -1, -1))), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), Subset(TensorDataset(*te()), list(range(29, -1, -1))),
+                            weight_decay=LAM)
 
 class Stream(IterableDataset):
     def __init__(s, data, forever=False): s.data, s.forever = data, forever
@@ -512,7 +582,8 @@ class Stream(IterableDataset):
 @case("data-test-iterable", "loaders/samplers", E("map-style"), "a (finite) IterableDataset as the test set")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), Stream(te()), weight_decay=LAM)
 
-@case("data-train-iterable-endless", "loaders/samplers", E("map-style"), "issue 15: an endless IterableDataset hung", timeout=20)
+@case("data-train-iterable-endless", "loaders/samplers", E("map-style"), "issue 15: an endless IterableDataset hung",
+      timeout=20)
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), Stream(tr(), forever=True), te(), weight_decay=LAM)
 
 @case("data-xy-length-mismatch", "loaders/samplers", E("119"), "X has 120 rows, y 119")
@@ -537,7 +608,8 @@ class Dicts(Dataset):
     def __len__(s): return len(s.X)
     def __getitem__(s, i): return {"x": s.X[i], "y": s.y[i]}
 
-@case("data-test-dict-items", "loaders/samplers", E(("(inputs, targets)", "pair")), "a test Dataset whose items are dicts")
+@case("data-test-dict-items", "loaders/samplers", E(("(inputs, targets)", "pair")),
+      "a test Dataset whose items are dicts")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), Dicts(te()), weight_decay=LAM)
 
 @case("data-list-of-pairs", "loaders/samplers", E(("Dataset", "(X, y)")),
@@ -545,22 +617,32 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), Dicts(te())
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), list(zip(*tr())), te(), weight_decay=LAM)
 
 @case("data-three-tensors", "loaders/samplers", E("(X, y)"), "train=(X, y, w): three tensors")
-def _(): X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y, torch.ones(120)), te(), weight_decay=LAM)
+def _():
+    X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y, torch.ones(120)), te(), weight_decay=LAM)
 
 @case("data-hessian-subset", "loaders/samplers",
       Right(lambda: reference(mlp(), ce_ref, tr(), te(), hessian_data=(tr()[0][:60], tr()[1][:60]))["scores"]),
       "hessian_data = the first 60 training points: H over them, gradients of all 120, scores / 120")
-def _(): X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM, hessian_data=(X[:60], y[:60]))
+def _():
+    X, y = tr()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM, hessian_data=(X[:60], y[:60]))
 
 @case("data-hessian-other-features", "loaders/samplers", E("hessian_data"), "hessian_data with 3 features instead of 4")
-def _(): X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM, hessian_data=(X[:, :3], y))
+def _():
+    X, y = tr()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM, hessian_data=(X[:, :3], y))
 
-@case("data-hessian-shuffled", "loaders/samplers", E("shuffle"), "hessian_data as a shuffled loader: its order matters to nothing but it is the one validation")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, hessian_data=dl(tr(), batch_size=32, shuffle=True))
+@case("data-hessian-shuffled", "loaders/samplers", E("shuffle"),
+      "hessian_data as a shuffled loader: its order matters to nothing but it is the one validation")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM,
+                            hessian_data=dl(tr(), batch_size=32, shuffle=True))
 
 @case("data-numpy-mixed-dtypes", "loaders/samplers", Right(lambda: reference(mlp(), ce_ref, (tr()[0].float().double(), tr()[1]), te())["scores"]),
       "X as float32 numpy, y as int64 numpy: cast to the model's dtype")
-def _(): X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X.float().numpy(), y.numpy()), te(), weight_decay=LAM)
+def _():
+    X, y = tr()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), (X.float().numpy(), y.numpy()), te(), weight_decay=LAM)
 
 
 # --------------------------------------------------------------------------------------------------------- shapes
@@ -579,16 +661,25 @@ def _(): X, y = te(); return influence_scores(mlp(), nn.CrossEntropyLoss(), tr()
 
 @case("shape-mse-broadcast", "shapes", E("reshape", ("(30, 1)", "(120, 1)")),
       "issue 15: MSELoss with targets (n,) against outputs (n, 1) broadcasts to (n, n); was called an indefinite Hessian")
-def _(): return influence_scores(reg(), nn.MSELoss(), (tr()[0], reg_targets(tr()[1])[:, 0]), (te()[0], reg_targets(te()[1])[:, 0]), weight_decay=LAM)
+def _():
+    return influence_scores(reg(), nn.MSELoss(), (tr()[0], reg_targets(tr()[1])[:, 0]),
+                            (te()[0], reg_targets(te()[1])[:, 0]), weight_decay=LAM)
 
 @case("shape-mse-broadcast-none", "shapes", E("reshape"), "same broadcast with reduction='none' (per-element (n, n))")
-def _(): return influence_scores(reg(), nn.MSELoss(reduction="none"), (tr()[0], reg_targets(tr()[1])[:, 0]), (te()[0], reg_targets(te()[1])[:, 0]), weight_decay=LAM)
+def _():
+    return influence_scores(reg(), nn.MSELoss(reduction="none"), (tr()[0], reg_targets(tr()[1])[:, 0]),
+                            (te()[0], reg_targets(te()[1])[:, 0]), weight_decay=LAM)
 
 @case("shape-bce-target-vector", "shapes", E("target"), "BCEWithLogitsLoss with (n,) targets for (n, 1) outputs")
-def _(): return influence_scores(binm(), nn.BCEWithLogitsLoss(), (tr()[0], bin_targets(tr()[1])[:, 0]), (te()[0], bin_targets(te()[1])[:, 0]), weight_decay=LAM)
+def _():
+    return influence_scores(binm(), nn.BCEWithLogitsLoss(), (tr()[0], bin_targets(tr()[1])[:, 0]),
+                            (te()[0], bin_targets(te()[1])[:, 0]), weight_decay=LAM)
 
 @case("shape-ce-target-column", "shapes", E("target"), "y of shape (n, 1) for CrossEntropyLoss: name the target shape")
-def _(): X, y = tr(); Xt, yt = te(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y[:, None]), (Xt, yt[:, None]), weight_decay=LAM)
+def _():
+    X, y = tr()
+    Xt, yt = te()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y[:, None]), (Xt, yt[:, None]), weight_decay=LAM)
 
 @case("shape-test-other-features", "shapes", E("test"), "test inputs with 3 features instead of 4")
 def _(): X, y = te(); return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), (X[:, :3], y), weight_decay=LAM)
@@ -617,7 +708,10 @@ def cast_model(m, dt): return m.to(dt)
 
 @case("dtype-float32-model", "dtypes", Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"], rtol=2e-3),
       "the README's float32 model and data")
-def _(): X, y = tr(); Xt, yt = te(); return influence_scores(mlp().float(), nn.CrossEntropyLoss(), (X.float(), y), (Xt.float(), yt), weight_decay=LAM)
+def _():
+    X, y = tr()
+    Xt, yt = te()
+    return influence_scores(mlp().float(), nn.CrossEntropyLoss(), (X.float(), y), (Xt.float(), yt), weight_decay=LAM)
 
 @case("dtype-float32-model-float64-data", "dtypes", Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"], rtol=2e-3),
       "float32 model, float64 data: data cast to the model's dtype")
@@ -625,9 +719,14 @@ def _(): return influence_scores(mlp().float(), nn.CrossEntropyLoss(), tr(), te(
 
 @case("dtype-float32-model-dtype64", "dtypes", Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"], rtol=1e-5),
       "float32 model and data, dtype=torch.float64")
-def _(): X, y = tr(); Xt, yt = te(); return influence_scores(mlp().float(), nn.CrossEntropyLoss(), (X.float(), y), (Xt.float(), yt), weight_decay=LAM, dtype=torch.float64)
+def _():
+    X, y = tr()
+    Xt, yt = te()
+    return influence_scores(mlp().float(), nn.CrossEntropyLoss(), (X.float(), y), (Xt.float(), yt), weight_decay=LAM,
+                            dtype=torch.float64)
 
-@case("dtype-float64-model-dtype32", "dtypes", Right(lambda: REF()["scores"], rtol=2e-3), "float64 model computed in dtype=torch.float32")
+@case("dtype-float64-model-dtype32", "dtypes", Right(lambda: REF()["scores"], rtol=2e-3),
+      "float64 model computed in dtype=torch.float32")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, dtype=torch.float32)
 
 @case("dtype-float16-model", "dtypes", E("dtype="), "a float16 model without dtype=: refuse, name dtype=")
@@ -638,14 +737,20 @@ def _(): return influence_scores(mlp().bfloat16(), nn.CrossEntropyLoss(), tr(), 
 
 @case("dtype-bfloat16-model-dtype64", "dtypes", Right(lambda: reference(mlp().bfloat16(), ce_ref, tr(), te())["scores"], rtol=1e-5),
       "bfloat16 model with dtype=torch.float64: the right numbers at its (rounded) parameters")
-def _(): return influence_scores(mlp().bfloat16(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, dtype=torch.float64)
+def _():
+    return influence_scores(mlp().bfloat16(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, dtype=torch.float64)
 
 @case("dtype-float16-model-dtype32", "dtypes", Right(lambda: reference(mlp().half(), ce_ref, tr(), te())["scores"], rtol=2e-3),
       "float16 model with dtype=torch.float32")
 def _(): return influence_scores(mlp().half(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, dtype=torch.float32)
 
-@case("dtype-integer-inputs", "dtypes", E("dtype"), "integer X with a float model: refuse naming the dtype (ints may be token ids, so no silent cast)")
-def _(): X, y = tr(); Xt, yt = te(); return influence_scores(mlp(), nn.CrossEntropyLoss(), ((X * 10).long(), y), ((Xt * 10).long(), yt), weight_decay=LAM)
+@case("dtype-integer-inputs", "dtypes", E("dtype"),
+      "integer X with a float model: refuse naming the dtype (ints may be token ids, so no silent cast)")
+def _():
+    X, y = tr()
+    Xt, yt = te()
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), ((X * 10).long(), y), ((Xt * 10).long(), yt),
+                            weight_decay=LAM)
 
 @case("dtype-string", "dtypes", E("dtype"), "dtype='float64' (a string)")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, dtype="float64")
@@ -657,24 +762,34 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weigh
 # -------------------------------------------------------------------------------------------------------- devices
 NO_CUDA = None if torch.cuda.is_available() else "no CUDA device"
 
-@case("device-cuda-model-cpu-data", "devices", Right(lambda: REF()["scores"], rtol=1e-6), "data on the CPU, model on cuda: moved", skip=NO_CUDA)
+@case("device-cuda-model-cpu-data", "devices", Right(lambda: REF()["scores"], rtol=1e-6),
+      "data on the CPU, model on cuda: moved", skip=NO_CUDA)
 def _(): return influence_scores(mlp().cuda(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM).cpu()
 
-@case("device-cpu-model-cuda-data", "devices", Right(lambda: REF()["scores"], rtol=1e-6), "data on cuda, model on the CPU: moved", skip=NO_CUDA)
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tuple(t.cuda() for t in tr()), tuple(t.cuda() for t in te()), weight_decay=LAM).cpu()
+@case("device-cpu-model-cuda-data", "devices", Right(lambda: REF()["scores"], rtol=1e-6),
+      "data on cuda, model on the CPU: moved", skip=NO_CUDA)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tuple(t.cuda() for t in tr()), tuple(t.cuda() for t in te()),
+                            weight_decay=LAM).cpu()
 
-@case("device-noncontiguous-inputs", "devices", Right(lambda: REF()["scores"]), "X as a non-contiguous (transposed) view")
-def _(): X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X.T.contiguous().T, y), te(), weight_decay=LAM)
+@case("device-noncontiguous-inputs", "devices", Right(lambda: REF()["scores"]),
+      "X as a non-contiguous (transposed) view")
+def _():
+    X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X.T.contiguous().T, y), te(), weight_decay=LAM)
 
-@case("device-inputs-require-grad", "devices", Right(lambda: REF()["scores"]), "X with requires_grad=True (a leaf of the user's graph)")
-def _(): X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X.requires_grad_(), y), te(), weight_decay=LAM)
+@case("device-inputs-require-grad", "devices", Right(lambda: REF()["scores"]),
+      "X with requires_grad=True (a leaf of the user's graph)")
+def _():
+    X, y = tr(); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X.requires_grad_(), y), te(), weight_decay=LAM)
 
 
 # --------------------------------------------------------------------------------------------------------- params
-def last_ref(names=("2.weight", "2.bias")): return lambda: reference(mlp(), ce_ref, tr(), te(), names=list(names), key=f"p{names}")["scores"]
+def last_ref(names=("2.weight", "2.bias")): return lambda: reference(mlp(), ce_ref, tr(), te(), names=list(names),
+                                                                     key=f"p{names}")["scores"]
 
 @case("params-names", "params", Right(last_ref()), "params=['2.weight', '2.bias']")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=["2.weight", "2.bias"])
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=["2.weight", "2.bias"])
 
 @case("params-submodule-name", "params", Right(last_ref()), "params='2' (a submodule's name)")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params="2")
@@ -683,13 +798,18 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weigh
 def _(): m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=m[2])
 
 @case("params-generator", "params", Right(last_ref()), "params=model[2].parameters() (a generator)")
-def _(): m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=m[2].parameters())
+def _():
+    m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=m[2].parameters())
 
 @case("params-tensor-list", "params", Right(last_ref(("2.weight",))), "params=[model[2].weight]")
-def _(): m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=[m[2].weight])
+def _():
+    m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=[m[2].weight])
 
-@case("params-duplicates", "params", Right(last_ref()), "params=['2.weight', '2.weight', '2.bias']: duplicates counted once")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=["2.weight", "2.weight", "2.bias"])
+@case("params-duplicates", "params", Right(last_ref()),
+      "params=['2.weight', '2.weight', '2.bias']: duplicates counted once")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM,
+                            params=["2.weight", "2.weight", "2.bias"])
 
 @case("params-layer-method-subset", "params", Right(last_ref()), "selected last layer, method='layer'")
 def _(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM, params="2").scores(te(), method="layer")
@@ -714,7 +834,8 @@ def _():
     m = mlp(); [p.requires_grad_(False) for p in m.parameters()]
     return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
 
-@case("params-first-layer-frozen", "params", Right(last_ref()), "first layer frozen: influence over the trainable last layer")
+@case("params-first-layer-frozen", "params", Right(last_ref()),
+      "first layer frozen: influence over the trainable last layer")
 def _():
     m = mlp(); m[0].requires_grad_(False)
     return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
@@ -726,18 +847,23 @@ NF = lambda *frag: Err(NonFiniteError, frag)
 @case("nonfinite-nan-train-input", "non-finite", NF("57"), "NaN in X_train[57]")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(57, float("nan")), te(), weight_decay=LAM)
 
-@case("nonfinite-inf-train-input", "non-finite", NF("57"), "issue 15: Inf in X_train[57] saturates tanh, the loss stays finite")
+@case("nonfinite-inf-train-input", "non-finite", NF("57"),
+      "issue 15: Inf in X_train[57] saturates tanh, the loss stays finite")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), te(), weight_decay=LAM)
 
 @case("nonfinite-inf-test-input", "non-finite", NF("13"), "Inf in X_test[13]")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), X_with(13, float("inf"), te()), weight_decay=LAM)
 
 @case("nonfinite-inf-test-input-1pt", "non-finite", NF("0"), "Inf in the only test point (jvp path)")
-def _(): X, y = X_with(0, float("inf"), te()); return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), (X[:1], y[:1]), weight_decay=LAM)
+def _():
+    X, y = X_with(0, float("inf"), te())
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), (X[:1], y[:1]), weight_decay=LAM)
 
 @case("nonfinite-nan-third-batch", "non-finite", NF(("40", "batch 2", "batch 3")),
       "issue 15: a NaN loss in the third batch (batch_size=16) ended in a raw LinAlgError")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(40, float("nan")), te(), weight_decay=LAM, batch_size=16)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(40, float("nan")), te(), weight_decay=LAM,
+                            batch_size=16)
 
 @case("nonfinite-nan-target-mse", "non-finite", NF("21"), "NaN regression target y_train[21]")
 def _():
@@ -745,7 +871,9 @@ def _():
     return influence_scores(reg(), nn.MSELoss(), (tr()[0], y), (te()[0], reg_targets(te()[1])), weight_decay=LAM)
 
 @case("nonfinite-nan-hessian-data", "non-finite", NF("hessian_data"), "NaN in hessian_data")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, hessian_data=X_with(3, float("nan")))
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM,
+                            hessian_data=X_with(3, float("nan")))
 
 @case("nonfinite-nan-parameter", "non-finite", NF(("0.weight", "parameter")), "a NaN in the model's first weight")
 def _():
@@ -757,23 +885,34 @@ def _():
       "finite data, a per-example loss that is inf for training example 5 only (its target marked 3)")
 def _():
     X, y = tr(); y[5] = 3
-    return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t.clamp(max=2), reduction="none") / (t < 3), (X, y), te(), weight_decay=LAM)
+    return influence_scores(mlp(), lambda o, t: F.cross_entropy(o, t.clamp(max=2), reduction="none") / (t < 3), (X, y),
+                            te(), weight_decay=LAM)
 
 @case("nonfinite-inf-train-cg", "non-finite", NF("57"), "Inf in X_train[57], solver='cg'")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), te(), weight_decay=LAM, solver="cg")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), te(), weight_decay=LAM, solver="cg")
 
-@case("nonfinite-inf-train-lissa", "non-finite", NF("57"), "Inf in X_train[57], solver='lissa' (its minibatches must be validated too)", area="solvers")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), te(), weight_decay=LAM, solver="lissa", depth=20, scale=10.)
+@case("nonfinite-inf-train-lissa", "non-finite", NF("57"),
+      "Inf in X_train[57], solver='lissa' (its minibatches must be validated too)", area="solvers")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), te(), weight_decay=LAM,
+                            solver="lissa", depth=20, scale=10.)
 
 @case("nonfinite-inf-train-jvp", "non-finite", NF("57"), "Inf in X_train[57], method='jvp'")
-def _(): return Influence(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), weight_decay=LAM).scores(te(), method="jvp")
+def _():
+    return Influence(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), weight_decay=LAM).scores(te(),
+                                                                                                      method="jvp")
 
 @case("nonfinite-inf-train-layer", "non-finite", NF("57"), "Inf in X_train[57], method='layer'")
-def _(): return Influence(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), weight_decay=LAM).scores(te(), method="layer")
+def _():
+    return Influence(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), weight_decay=LAM).scores(te(),
+                                                                                                      method="layer")
 
 @case("nonfinite-inf-train-hessian-subset", "non-finite", NF("57"),
       "Inf in X_train[57] outside hessian_data (the first 40): the gradient pass must still catch it")
-def _(): X, y = X_with(57, float("inf")); return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM, hessian_data=(X[:40], y[:40]))
+def _():
+    X, y = X_with(57, float("inf"))
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM, hessian_data=(X[:40], y[:40]))
 
 @case("nonfinite-self-influence", "non-finite", NF("57"), "self_influence with Inf in X_train[57]")
 def _(): return self_influence(mlp(), nn.CrossEntropyLoss(), X_with(57, float("inf")), weight_decay=LAM)
@@ -783,7 +922,8 @@ def _(): return param_changes(mlp(), nn.CrossEntropyLoss(), X_with(57, float("na
 
 
 # ------------------------------------------------------------------------------------------------------ grad mode
-@case("grad-no-grad-30", "grad mode", Right(lambda: REF()["scores"]), "issue 15: inside torch.no_grad(), 30 test points")
+@case("grad-no-grad-30", "grad mode", Right(lambda: REF()["scores"]),
+      "issue 15: inside torch.no_grad(), 30 test points")
 def _():
     m, train, test = mlp(), tr(), te()       # fixtures first: a lazily trained fixture must not train inside the context
     with torch.no_grad(): return influence_scores(m, nn.CrossEntropyLoss(), train, test, weight_decay=LAM)
@@ -794,23 +934,29 @@ def _():
     m, train = mlp(), tr()
     with torch.no_grad(): return influence_scores(m, nn.CrossEntropyLoss(), train, (X[:1], y[:1]), weight_decay=LAM)
 
-@case("grad-inference-mode-30", "grad mode", Right(lambda: REF()["scores"]), "issue 15: inside torch.inference_mode(), 30 test points")
+@case("grad-inference-mode-30", "grad mode", Right(lambda: REF()["scores"]),
+      "issue 15: inside torch.inference_mode(), 30 test points")
 def _():
     m, train, test = mlp(), tr(), te()
-    with torch.inference_mode(): return influence_scores(m, nn.CrossEntropyLoss(), train, test, weight_decay=LAM).clone()
+    with torch.inference_mode(): return influence_scores(m, nn.CrossEntropyLoss(), train, test,
+                                                         weight_decay=LAM).clone()
 
-@case("grad-inference-mode-2", "grad mode", Right(lambda: REF()["scores"][:2]), "inside torch.inference_mode(), 2 test points")
+@case("grad-inference-mode-2", "grad mode", Right(lambda: REF()["scores"][:2]),
+      "inside torch.inference_mode(), 2 test points")
 def _():
     X, y = te()
     m, train = mlp(), tr()
-    with torch.inference_mode(): return influence_scores(m, nn.CrossEntropyLoss(), train, (X[:2], y[:2]), weight_decay=LAM).clone()
+    with torch.inference_mode(): return influence_scores(m, nn.CrossEntropyLoss(), train, (X[:2], y[:2]),
+                                                         weight_decay=LAM).clone()
 
-@case("grad-inference-tensors-as-data", "grad mode", Right(lambda: REF()["scores"]), "data created under inference_mode, scored outside it")
+@case("grad-inference-tensors-as-data", "grad mode", Right(lambda: REF()["scores"]),
+      "data created under inference_mode, scored outside it")
 def _():
     with torch.inference_mode(): train, test = tuple(t.clone() for t in tr()), tuple(t.clone() for t in te())
     return influence_scores(mlp(), nn.CrossEntropyLoss(), train, test, weight_decay=LAM)
 
-@case("grad-set-grad-disabled-self", "grad mode", Right(lambda: REF()["self_influence"]), "torch.set_grad_enabled(False), self_influence")
+@case("grad-set-grad-disabled-self", "grad mode", Right(lambda: REF()["self_influence"]),
+      "torch.set_grad_enabled(False), self_influence")
 def _():
     m, train = mlp(), tr()
     prev = torch.is_grad_enabled(); torch.set_grad_enabled(False)
@@ -820,7 +966,8 @@ def _():
 @case("grad-no-grad-layer", "grad mode", Right(lambda: REF()["scores"]), "inside torch.no_grad(), method='layer'")
 def _():
     m, train, test = mlp(), tr(), te()
-    with torch.no_grad(): return Influence(m, nn.CrossEntropyLoss(), train, weight_decay=LAM).scores(test, method="layer")
+    with torch.no_grad(): return Influence(m, nn.CrossEntropyLoss(), train, weight_decay=LAM).scores(test,
+                                                                                                     method="layer")
 
 @case("grad-no-grad-jvp", "grad mode", Right(lambda: REF()["scores"]), "inside torch.no_grad(), method='jvp'")
 def _():
@@ -847,10 +994,12 @@ class Noisy(nn.Module):
     def __init__(s): super().__init__(); s.net = mlp()
     def forward(s, x): return s.net(x + 0.01 * torch.randn_like(x))
 
-@case("grad-random-noise-forward", "grad mode", E("random"), "torch.randn_like in forward (input noise): refused as random")
+@case("grad-random-noise-forward", "grad mode", E("random"),
+      "torch.randn_like in forward (input noise): refused as random")
 def _(): return influence_scores(Noisy(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
 
-@case("grad-dropout-module-train-mode", "grad mode", Right(lambda: REF()["scores"]), "nn.Dropout model left in train mode")
+@case("grad-dropout-module-train-mode", "grad mode", Right(lambda: REF()["scores"]),
+      "nn.Dropout model left in train mode")
 def _():
     m = mlp(); m = nn.Sequential(m[0], m[1], nn.Dropout(0.5), m[2]).train()
     return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)[:, :]
@@ -859,7 +1008,8 @@ def _():
       "BatchNorm model left in train mode: scored in eval mode with its running stats")
 def _(): return influence_scores(bn().train(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
 
-@case("grad-train-mode-restored", "grad mode", Right(lambda: REF()["scores"]), "model in train mode comes back in train mode")
+@case("grad-train-mode-restored", "grad mode", Right(lambda: REF()["scores"]),
+      "model in train mode comes back in train mode")
 def _():
     m = mlp().train()
     s = influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
@@ -884,23 +1034,38 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weigh
 @case("solver-cg-max-iter-1", "solver options", NC, "CG max_iter=1 stops short: NotConvergedWarning")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", max_iter=1)
 
-@case("solver-cg-max-iter-1-raise", "solver options", Err(NotConvergedError, ("not converged",)), "CG max_iter=1, on_fail='raise'")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", max_iter=1, on_fail="raise")
+@case("solver-cg-max-iter-1-raise", "solver options", Err(NotConvergedError, ("not converged",)),
+      "CG max_iter=1, on_fail='raise'")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", max_iter=1,
+                            on_fail="raise")
 
 @case("solver-block-cg-max-iter-1", "solver options", NC, "block CG max_iter=1: NotConvergedWarning")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="block_cg", max_iter=1)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="block_cg", max_iter=1)
 
-@case("solver-block-cg-max-iter-1-raise", "solver options", Err(NotConvergedError, ("not converged",)), "block CG max_iter=1, on_fail='raise'")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="block_cg", max_iter=1, on_fail="raise")
+@case("solver-block-cg-max-iter-1-raise", "solver options", Err(NotConvergedError, ("not converged",)),
+      "block CG max_iter=1, on_fail='raise'")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="block_cg", max_iter=1,
+                            on_fail="raise")
 
-@case("solver-lissa-scale-1000x", "solver options", NC, "issue 15: LiSSA with a scale 1000x too large was 97% wrong, silently")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa", scale=1000 * top_eig(), depth=200, batch_size=120)
+@case("solver-lissa-scale-1000x", "solver options", NC,
+      "issue 15: LiSSA with a scale 1000x too large was 97% wrong, silently")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa",
+                            scale=1000 * top_eig(), depth=200, batch_size=120)
 
 @case("solver-lissa-depth-2", "solver options", NC, "LiSSA depth=2: NotConvergedWarning")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa", depth=2, scale=1.1 * top_eig())
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa", depth=2,
+                            scale=1.1 * top_eig())
 
-@case("solver-lissa-depth-2-raise", "solver options", Err(NotConvergedError, ("not converged",)), "LiSSA depth=2, on_fail='raise'")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa", depth=2, scale=1.1 * top_eig(), on_fail="raise")
+@case("solver-lissa-depth-2-raise", "solver options", Err(NotConvergedError, ("not converged",)),
+      "LiSSA depth=2, on_fail='raise'")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa", depth=2,
+                            scale=1.1 * top_eig(), on_fail="raise")
 
 @case("solver-exact-indefinite", "solver options", Err(HessianNotPositiveDefinite, ("damping=",)),
       "exact, undamped, untrained net without weight decay (indefinite H): suggest a damping")
@@ -909,12 +1074,15 @@ def _(): return influence_scores(untrained(), nn.CrossEntropyLoss(), tr(), te(),
 @case("solver-exact-indefinite-damped", "solver options",
       Right(lambda: reference(untrained(), ce_ref, tr(), te(), lam=0., damping=0.1 - untrained_min_eig())["scores"]),
       "the same H with damping making H + δI positive definite: the exact answer")
-def _(): return influence_scores(untrained(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=0., damping=0.1 - untrained_min_eig())
+def _():
+    return influence_scores(untrained(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=0.,
+                            damping=0.1 - untrained_min_eig())
 
 @case("solver-cg-indefinite", "solver options", Err(HessianNotPositiveDefinite, ("damping",)), "CG on an indefinite H")
 def _(): return influence_scores(untrained(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=0., solver="cg")
 
-@case("solver-block-cg-indefinite", "solver options", Err(HessianNotPositiveDefinite, ("damping",)), "block CG on an indefinite H")
+@case("solver-block-cg-indefinite", "solver options", Err(HessianNotPositiveDefinite, ("damping",)),
+      "block CG on an indefinite H")
 def _(): return influence_scores(untrained(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=0., solver="block_cg")
 
 class DeadParam(nn.Module):
@@ -934,7 +1102,8 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weigh
 @case("solver-cg-max-iter-zero", "solver options", E("max_iter"), "cg max_iter=0")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", max_iter=0)
 
-@case("solver-unknown-option", "solver options", E("foo", "max_iter"), "cg foo=1: name the bad option and the valid ones")
+@case("solver-unknown-option", "solver options", E("foo", "max_iter"),
+      "cg foo=1: name the bad option and the valid ones")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", foo=1)
 
 @case("solver-exact-unknown-option", "solver options", E("max_iter"), "exact with max_iter=10 (a CG option)")
@@ -944,7 +1113,8 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weigh
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="newton")
 
 @case("solver-on-fail-bad", "solver options", E("loud", "raise"), "on_fail='loud'")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", on_fail="loud")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="cg", on_fail="loud")
 
 @case("solver-lissa-repeats-zero", "solver options", E("repeats"), "lissa repeats=0")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, solver="lissa", repeats=0)
@@ -995,15 +1165,21 @@ def _(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).
 
 @case("api-method-layer-weighted-none", "scores API", Right(lambda: ref_for("wce")()["scores"]),
       "method='layer' with a class-weighted per-example loss")
-def _(): return Influence(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), weight_decay=LAM).scores(te(), method="layer")
+def _():
+    return Influence(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(),
+                     weight_decay=LAM).scores(te(), method="layer")
 
-@case("api-method-jvp-mean-loss", "scores API", Right(lambda: REF()["scores"]), "method='jvp' with a mean callable and batch 16")
-def _(): return Influence(mlp(), lambda o, t: F.cross_entropy(o, t), tr(), weight_decay=LAM, batch_size=16).scores(te(), method="jvp")
+@case("api-method-jvp-mean-loss", "scores API", Right(lambda: REF()["scores"]),
+      "method='jvp' with a mean callable and batch 16")
+def _():
+    return Influence(mlp(), lambda o, t: F.cross_entropy(o, t), tr(), weight_decay=LAM, batch_size=16).scores(te(),
+                                                                                                              method="jvp")
 
 @case("api-method-unknown", "scores API", E("method", "grad"), "method='fast'")
 def _(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).scores(te(), method="fast")
 
-@case("api-method-layer-batchnorm", "scores API", E("layer"), "method='layer' on a BatchNorm model: name the other methods")
+@case("api-method-layer-batchnorm", "scores API", E("layer"),
+      "method='layer' on a BatchNorm model: name the other methods")
 def _(): return Influence(bn(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).scores(te(), method="layer")
 
 @case("api-upweight", "scores API", Right(lambda: -120 * REF()["scores"]), "upweight_influence = -n x scores")
@@ -1017,12 +1193,16 @@ def _(): return self_influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=
 
 @case("api-self-influence-weighted-batch16", "scores API",
       Right(lambda: ref_for("wce")()["self_influence"]), "self_influence, weighted per-example loss, batch 16")
-def _(): return self_influence(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), weight_decay=LAM, batch_size=16)
+def _():
+    return self_influence(mlp_for("wce"), nn.CrossEntropyLoss(weight=W_CE, reduction="none"), tr(), weight_decay=LAM,
+                          batch_size=16)
 
-@case("api-train-as-test", "scores API", Right(lambda: reference(mlp(), ce_ref, tr(), tr(), key="trtr")["scores"]), "scores(train): (120, 120)")
+@case("api-train-as-test", "scores API", Right(lambda: reference(mlp(), ce_ref, tr(), tr(), key="trtr")["scores"]),
+      "scores(train): (120, 120)")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), tr(), weight_decay=LAM)
 
-@case("api-damping", "scores API", Right(lambda: reference(mlp(), ce_ref, tr(), te(), damping=0.1)["scores"]), "damping=0.1")
+@case("api-damping", "scores API", Right(lambda: reference(mlp(), ce_ref, tr(), te(), damping=0.1)["scores"]),
+      "damping=0.1")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, damping=0.1)
 
 @case("api-return-info", "scores API", Right(lambda: REF()["scores"]), "return_info=True: (scores, SolveInfo)")
@@ -1039,7 +1219,8 @@ def _():
 @case("api-solve-wrong-length", "scores API", E("43"), "Influence.solve with a vector of 42 entries (the model has 43)")
 def _(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).solve(torch.ones(42, dtype=F64))
 
-@case("api-solve", "scores API", Right(lambda: torch.linalg.solve(REF()["H"], REF()["G"][:4].T).T), "Influence.solve on 4 gradient rows")
+@case("api-solve", "scores API", Right(lambda: torch.linalg.solve(REF()["H"], REF()["G"][:4].T).T),
+      "Influence.solve on 4 gradient rows")
 def _(): return Influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).solve(REF()["G"][:4].clone())[0]
 
 @case("api-model-not-module", "scores API", E("nn.Module"), "model given as a plain function")
@@ -1049,9 +1230,12 @@ def _(): m = mlp(); return influence_scores(lambda x: m(x), nn.CrossEntropyLoss(
 # ------------------------------------------------------------------------------------------------- more engine cases
 @case("loss-detached-outputs", "losses", E(("depend", "detach", "zero")),
       "loss_fn detaches the outputs: every gradient is zero; refuse (the loss does not depend on the parameters)")
-def _(): return influence_scores(mlp(), lambda o, t: F.cross_entropy(o.detach(), t, reduction="none"), tr(), te(), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), lambda o, t: F.cross_entropy(o.detach(), t, reduction="none"), tr(), te(),
+                            weight_decay=LAM)
 
-@case("loss-ce-target-out-of-range", "losses", E("target", "9"), "a class label 5 for a 3-class model at training example 9")
+@case("loss-ce-target-out-of-range", "losses", E("target", "9"),
+      "a class label 5 for a 3-class model at training example 9")
 def _(): X, y = tr(); y[9] = 5; return influence_scores(mlp(), nn.CrossEntropyLoss(), (X, y), te(), weight_decay=LAM)
 
 @case("loss-ce-target-negative", "losses", E("9"), "a class label -1 (not the ignore_index -100) at training example 9")
@@ -1059,16 +1243,24 @@ def _(): X, y = tr(); y[9] = -1; return influence_scores(mlp(), nn.CrossEntropyL
 
 @case("data-loader-batch-size-none", "loaders/samplers", E("batch"),
       "DataLoader(batch_size=None) yields unbatched examples: refuse, ask for batches")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), DataLoader(TensorDataset(*te()), batch_size=None), weight_decay=LAM)
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), DataLoader(TensorDataset(*te()), batch_size=None),
+                            weight_decay=LAM)
 
-@case("data-loader-workers", "loaders/samplers", Right(lambda: REF()["scores"]), "a sequential DataLoader with num_workers=2")
-def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, num_workers=2), weight_decay=LAM)
+@case("data-loader-workers", "loaders/samplers", Right(lambda: REF()["scores"]),
+      "a sequential DataLoader with num_workers=2")
+def _():
+    return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=8, num_workers=2), weight_decay=LAM)
 
-@case("data-test-loader-batch-1", "loaders/samplers", Right(lambda: REF()["scores"]), "test DataLoader with batch_size=1")
+@case("data-test-loader-batch-1", "loaders/samplers", Right(lambda: REF()["scores"]),
+      "test DataLoader with batch_size=1")
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), dl(te(), batch_size=1), weight_decay=LAM)
 
 @case("params-dict", "params", Right(last_ref()), "params=dict of name -> parameter (iterates as names)")
-def _(): m = mlp(); return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, params=dict(m[2].named_parameters(prefix="2")))
+def _():
+    m = mlp()
+    return influence_scores(m, nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM,
+                            params=dict(m[2].named_parameters(prefix="2")))
 
 class BNBatchStats(nn.Module):
     def __init__(s):
@@ -1086,7 +1278,8 @@ def _trained_layernorm():
 
 @case("api-layernorm-auto", "scores API", Right(lambda: reference(_trained_layernorm(), ce_ref, tr(), te(), key="ln")["scores"]),
       "a LayerNorm model, method='auto' (not every parameter in a Linear: another method)")
-def _(): return influence_scores(copy.deepcopy(_trained_layernorm()), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
+def _():
+    return influence_scores(copy.deepcopy(_trained_layernorm()), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
 
 class Tied(nn.Module):
     "One Linear(4, 4) applied twice, then a head: the 'layer' method must sum over both calls."
@@ -1100,9 +1293,12 @@ def _trained_tied(): X, y = tr(); return fit(Tied(), ce_ref, X, y)
 
 @case("api-layer-called-twice", "scores API", Right(lambda: reference(_trained_tied(), ce_ref, tr(), te(), key="tied")["scores"]),
       "method='layer' with a Linear called twice in forward")
-def _(): return Influence(copy.deepcopy(_trained_tied()), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).scores(te(), method="layer")
+def _():
+    return Influence(copy.deepcopy(_trained_tied()), nn.CrossEntropyLoss(), tr(), weight_decay=LAM).scores(te(),
+                                                                                                           method="layer")
 
-@case("api-self-influence-batch-1", "scores API", Right(lambda: REF()["self_influence"]), "self_influence with batch_size=1")
+@case("api-self-influence-batch-1", "scores API", Right(lambda: REF()["self_influence"]),
+      "self_influence with batch_size=1")
 def _(): return self_influence(mlp(), nn.CrossEntropyLoss(), tr(), weight_decay=LAM, batch_size=1)
 
 
@@ -1148,7 +1344,8 @@ def resumed(first: dict, second: dict):
 
 RE = lambda *frag: Err(ValueError, frag)     # retraining refusals: ValueError (InfluenceError is one)
 
-@case("retrain-resume-same", "retraining", Right(lambda: _loo_default(), rtol=1e-9), "resume with everything equal: reuses chunks, same truth")
+@case("retrain-resume-same", "retraining", Right(lambda: _loo_default(), rtol=1e-9),
+      "resume with everything equal: reuses chunks, same truth")
 def _(): return resumed({}, {})
 
 @case("retrain-resume-lambda-constant", "retraining", RE("out_dir"),
@@ -1157,16 +1354,20 @@ def _():
     return resumed({"loss_fn": lambda o, t: F.cross_entropy(o, t, reduction="none")},
                    {"loss_fn": lambda o, t: 2.0 * F.cross_entropy(o, t, reduction="none")})
 
-@case("retrain-resume-label-smoothing", "retraining", RE("out_dir"), "CrossEntropyLoss(label_smoothing=0.1) then 0.2, reduction='none'")
+@case("retrain-resume-label-smoothing", "retraining", RE("out_dir"),
+      "CrossEntropyLoss(label_smoothing=0.1) then 0.2, reduction='none'")
 def _():
     return resumed({"loss_fn": nn.CrossEntropyLoss(label_smoothing=0.1, reduction="none")},
                    {"loss_fn": nn.CrossEntropyLoss(label_smoothing=0.2, reduction="none")})
 
-@case("retrain-resume-label-smoothing-mean", "retraining", RE("out_dir"), "CrossEntropyLoss(label_smoothing=0.1) then 0.2, mean")
+@case("retrain-resume-label-smoothing-mean", "retraining", RE("out_dir"),
+      "CrossEntropyLoss(label_smoothing=0.1) then 0.2, mean")
 def _():
-    return resumed({"loss_fn": nn.CrossEntropyLoss(label_smoothing=0.1)}, {"loss_fn": nn.CrossEntropyLoss(label_smoothing=0.2)})
+    return resumed({"loss_fn": nn.CrossEntropyLoss(label_smoothing=0.1)},
+                   {"loss_fn": nn.CrossEntropyLoss(label_smoothing=0.2)})
 
-@case("retrain-resume-cfg", "retraining", RE("out_dir"), "resume with another learning rate; config.json must stay byte-identical")
+@case("retrain-resume-cfg", "retraining", RE("out_dir"),
+      "resume with another learning rate; config.json must stay byte-identical")
 def _(): return resumed({}, {"cfg": {**RCFG, "lr": 0.2}})
 
 @case("retrain-resume-data", "retraining", RE("out_dir"), "resume with perturbed training inputs")
@@ -1182,26 +1383,31 @@ def _():
       "issue 15: nn.CrossEntropyLoss() (mean) crashed with a reshape error; equals the per-example default")
 def _(): return loo(loss_fn=nn.CrossEntropyLoss()).truth
 
-@case("retrain-ce-none", "retraining", Right(lambda: _loo_default(), rtol=1e-9), "nn.CrossEntropyLoss(reduction='none')")
+@case("retrain-ce-none", "retraining", Right(lambda: _loo_default(), rtol=1e-9),
+      "nn.CrossEntropyLoss(reduction='none')")
 def _(): return loo(loss_fn=nn.CrossEntropyLoss(reduction="none")).truth
 
 @case("retrain-ce-sum", "retraining", RE("reduction='sum'"), "CrossEntropyLoss(reduction='sum') refused")
 def _(): return loo(loss_fn=nn.CrossEntropyLoss(reduction="sum")).truth
 
-@case("retrain-removed-out-of-range", "retraining", Err((ValueError, IndexError), ("120",)), "removed=[120] for 120 training points")
+@case("retrain-removed-out-of-range", "retraining", Err((ValueError, IndexError), ("120",)),
+      "removed=[120] for 120 training points")
 def _(): return loo(removed=(0, 120)).truth
 
 @case("retrain-removed-negative", "retraining", Err((ValueError, IndexError), ("-1",)), "removed=[-1]")
 def _(): return loo(removed=(-1,)).truth
 
-@case("retrain-chunk-size-zero", "retraining", RE("chunk_size"), "chunk_size=0 (a careful user expects an error, not empty results)")
+@case("retrain-chunk-size-zero", "retraining", RE("chunk_size"),
+      "chunk_size=0 (a careful user expects an error, not empty results)")
 def _(): return loo(chunk_size=0).truth
 
-@case("retrain-steps-negative", "retraining", RE("steps"), "RetrainConfig(steps=-1): no training at all, truth 0; refuse")
+@case("retrain-steps-negative", "retraining", RE("steps"),
+      "RetrainConfig(steps=-1): no training at all, truth 0; refuse")
 def _(): return loo(cfg={**RCFG, "steps": -1}).truth
 
 
-@case("retrain-ce-weight-mean", "retraining", RE("weight"), "CrossEntropyLoss(weight=w) (mean): refused as in the engine")
+@case("retrain-ce-weight-mean", "retraining", RE("weight"),
+      "CrossEntropyLoss(weight=w) (mean): refused as in the engine")
 def _(): return loo(loss_fn=nn.CrossEntropyLoss(weight=W_CE)).truth
 
 @case("retrain-ignore-index-target", "retraining", RE("ignore_index"), "a training target equal to ignore_index (-100)")
@@ -1264,7 +1470,8 @@ def _(): return cli("iris", "--seeds", "0")
 @case("cli-seeds-negative", "CLI", Exit(2, ("--seeds",)), "influence_nb iris --seeds -1")
 def _(): return cli("iris", "--seeds", "-1")
 
-@case("cli-threads-zero", "CLI", Exit(2, ("--threads",)), "influence_nb iris --threads 0 (torch.set_num_threads(0) raises)")
+@case("cli-threads-zero", "CLI", Exit(2, ("--threads",)),
+      "influence_nb iris --threads 0 (torch.set_num_threads(0) raises)")
 def _(): return cli("iris", "--threads", "0")
 
 @case("cli-mnist-threads-negative", "CLI", Exit(2, ("--threads",)), "influence_nb small-mnist --threads -2")

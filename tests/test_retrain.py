@@ -37,7 +37,8 @@ def mlp(seed=0, bn=False):
 
 def seq_losses(net, X, y, Xt, yt, w, cfg):
     m = retrain_sequential(net, X, y, w, cfg).eval()
-    with torch.no_grad(): return per_example_cross_entropy(m(Xt), yt), torch.nn.utils.parameters_to_vector(m.parameters())
+    with torch.no_grad(): return per_example_cross_entropy(m(Xt),
+                                                           yt), torch.nn.utils.parameters_to_vector(m.parameters())
 
 
 # --- removal weights -------------------------------------------------------------------------------------------
@@ -202,7 +203,8 @@ def test_batchnorm_buffers_stacked_and_match():
         torch.testing.assert_close(B['1.running_mean'][k], ref[1].running_mean, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(B['1.running_var'][k], ref[1].running_var, atol=1e-5, rtol=1e-5)
         assert B['1.num_batches_tracked'][k] == ref[1].num_batches_tracked == 12
-        with torch.no_grad(): torch.testing.assert_close(L[k], per_example_cross_entropy(ref.eval()(X), y), atol=1e-5, rtol=1e-5)
+        with torch.no_grad(): torch.testing.assert_close(L[k], per_example_cross_entropy(ref.eval()(X), y), atol=1e-5,
+                                                         rtol=1e-5)
     assert not torch.equal(B['1.running_mean'][1], B['1.running_mean'][2])
     assert net.training and net[1].num_batches_tracked == 0  # the original model is untouched
 
@@ -233,7 +235,8 @@ def test_keep_params_false_and_empty():
     X, y = data(10)
     r = loo_retrain(mlp(), X, y, X[:2], y[:2], [1], RetrainConfig(steps=2, lr=0.1), keep_params=False, progress=False)
     assert r.param_change is None and r.control_param_change is None
-    with pytest.raises(ValueError): loo_retrain(mlp(), X, y, X[:2], y[:2], [], RetrainConfig(steps=2, lr=0.1), progress=False)
+    with pytest.raises(ValueError): loo_retrain(mlp(), X, y, X[:2], y[:2], [], RetrainConfig(steps=2, lr=0.1),
+                                                progress=False)
 
 
 def test_ridge_matches_closed_form_loo():
@@ -271,13 +274,15 @@ def test_interrupt_and_resume_identical(tmp_path, crash_at):
     def crash(c, res):
         if c == crash_at: raise Crash()
     with pytest.raises(Crash):
-        loo_retrain(net, X, y, X[:5], y[:5], removed, cfg, chunk_size=2, out_dir=tmp_path, callback=crash, progress=False)
+        loo_retrain(net, X, y, X[:5], y[:5], removed, cfg, chunk_size=2, out_dir=tmp_path, callback=crash,
+                    progress=False)
     assert len(list(tmp_path.glob('chunk_*.pt'))) == crash_at + 1
     trained = []
     res = loo_retrain(net, X, y, X[:5], y[:5], removed, cfg, chunk_size=2, out_dir=tmp_path,
                       callback=lambda c, r: trained.append(c), progress=False)
     assert trained == list(range(crash_at + 1, 3))
-    for f in ['test_losses', 'truth', 'truth_controlled', 'param_change', 'control_losses', 'control_param_change', 'base_losses']:
+    for f in ['test_losses', 'truth', 'truth_controlled', 'param_change', 'control_losses', 'control_param_change',
+              'base_losses']:
         assert torch.equal(getattr(full, f), getattr(res, f)), f
     # a third run trains nothing and still returns the same numbers
     again = loo_retrain(net, X, y, X[:5], y[:5], removed, cfg, chunk_size=2, out_dir=tmp_path,
@@ -292,7 +297,8 @@ def test_resume_refuses_other_run(tmp_path):
     with pytest.raises(ValueError, match='different run'):
         loo_retrain(net, X, y, X[:3], y[:3], [1, 2], RetrainConfig(steps=3, lr=0.2), out_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match='different run'):
-        loo_retrain(mlp(6), X, y, X[:3], y[:3], [1, 2], RetrainConfig(steps=3, lr=0.1), out_dir=tmp_path, progress=False)
+        loo_retrain(mlp(6), X, y, X[:3], y[:3], [1, 2], RetrainConfig(steps=3, lr=0.1), out_dir=tmp_path,
+                    progress=False)
 
 
 # --- noise floor -----------------------------------------------------------------------------------------------
@@ -306,7 +312,8 @@ def test_noise_floor_matches_sequential_and_full_batch_is_zero():
         l, _ = seq_losses(net, X, y, X[:4], y[:4], torch.ones(30), RetrainConfig(**{**asdict(cfg), 'seed': s}))
         torch.testing.assert_close(nf.losses[k], l, atol=1e-5, rtol=1e-5)
     assert (nf.std > 0).all() and (nf.spread >= nf.std).all()
-    assert torch.allclose(noise_floor(net, X, y, X[:4], y[:4], cfg, seeds=[3, 4, 5], fast=False).losses, nf.losses, atol=1e-6)
+    assert torch.allclose(noise_floor(net, X, y, X[:4], y[:4], cfg, seeds=[3, 4, 5], fast=False).losses, nf.losses,
+                          atol=1e-6)
     full = noise_floor(net, X, y, X[:4], y[:4], RetrainConfig(steps=5, lr=0.1), seeds=[1, 2, 3])
     assert torch.equal(full.std, torch.zeros(4)) and full.losses.shape == (3, 4)
     with pytest.raises(ValueError): train_stack(net, *stack_state(net, 2), torch.ones(2, 30), X, y, cfg, seeds=[1])
@@ -333,7 +340,7 @@ def test_cuda_follows_model():
 import functools, json, math, os, re, subprocess, sys, textwrap
 import torch.nn.functional as F
 from influence_nb.core import InfluenceError, NonFiniteError
-from influence_nb.retrain import loss_fingerprint, loss_description, as_removed, RemovedIndexError, per_example
+from influence_nb.retrain import loss_fingerprint, loss_description, RemovedIndexError, per_example
 
 SCALE = 2.0
 
@@ -346,7 +353,8 @@ def test_loss_fingerprint_tells_options_apart():
     def closure(c): return lambda o, t: c * per_example_cross_entropy(o, t)
     losses = [nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(label_smoothing=0.2),
               nn.CrossEntropyLoss(reduction='none'), nn.CrossEntropyLoss(ignore_index=2),
-              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.])), nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 4.])),
+              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.])), nn.CrossEntropyLoss(weight=torch.tensor([1., 2.,
+                                                                                                               4.])),
               nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.], dtype=torch.float64)),
               nn.HuberLoss(delta=1.), nn.HuberLoss(delta=2.), nn.SmoothL1Loss(beta=0.5), nn.MarginRankingLoss(margin=0.1),
               lambda o, t: 0.5 * per_example_cross_entropy(o, t), lambda o, t: 0.6 * per_example_cross_entropy(o, t),
@@ -463,11 +471,14 @@ def test_refusal_names_each_setting(tmp_path):
     assert 'cfg.lr: 0.1 -> 0.2' in str(e.value) and 'cfg.momentum: 0.0 -> 0.5' in str(e.value) and 'loss' not in str(e.value)
     X, y = data(20)
     with pytest.raises(InfluenceError, match='model') as e:
-        loo_retrain(mlp(6), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2, out_dir=tmp_path, progress=False)
+        loo_retrain(mlp(6), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2,
+                    out_dir=tmp_path, progress=False)
     with pytest.raises(InfluenceError, match='test_data'):
-        loo_retrain(mlp(5), X, y, X[:4], y[:4], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2, out_dir=tmp_path, progress=False)
+        loo_retrain(mlp(5), X, y, X[:4], y[:4], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2,
+                    out_dir=tmp_path, progress=False)
     with pytest.raises(InfluenceError, match='chunk_size: 2 -> 3'):
-        loo_retrain(mlp(5), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=3, out_dir=tmp_path, progress=False)
+        loo_retrain(mlp(5), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=3,
+                    out_dir=tmp_path, progress=False)
     assert snapshot(tmp_path) == before
 
 
@@ -504,7 +515,8 @@ def test_resume_with_fresh_identical_lambda_reuses_chunks(tmp_path):
     make = lambda c: (lambda o, t: c * per_example_cross_entropy(o, t))
     X, y = data(30)
     cfg = RetrainConfig(steps=10, lr=0.2, batch_size=8, momentum=0.9, seed=3)
-    full = loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2, progress=False)
+    full = loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2,
+                       progress=False)
 
     def crash(c, res):
         if c == 1: raise Crash()
@@ -525,7 +537,8 @@ def test_mean_and_none_cross_entropy_match_per_example(fast):
     cfg = RetrainConfig(steps=12, lr=0.3, weight_decay=1e-2, momentum=0.5, batch_size=8, seed=2)
     ref = loo_retrain(mlp(3), X, y, X[:6], y[:6], [0, 4, 9], cfg, chunk_size=2, progress=False, fast=fast)
     for loss in [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction='none'), lambda o, t: F.cross_entropy(o, t)]:
-        r = loo_retrain(mlp(3), X, y, X[:6], y[:6], [0, 4, 9], cfg, loss_fn=loss, chunk_size=2, progress=False, fast=fast)
+        r = loo_retrain(mlp(3), X, y, X[:6], y[:6], [0, 4, 9], cfg, loss_fn=loss, chunk_size=2, progress=False,
+                        fast=fast)
         torch.testing.assert_close(r.truth, ref.truth, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(r.param_change, ref.param_change, atol=1e-6, rtol=1e-5)
     nf = noise_floor(mlp(3), X, y, X[:6], y[:6], cfg, seeds=[1, 2], loss_fn=nn.CrossEntropyLoss(), fast=fast)
@@ -538,7 +551,8 @@ def test_mean_and_none_cross_entropy_match_per_example(fast):
 def test_cross_entropy_module_takes_fast_path(monkeypatch):
     X, y = data(20)
     no_vmap(monkeypatch)
-    loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1), loss_fn=nn.CrossEntropyLoss(), progress=False)
+    loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1), loss_fn=nn.CrossEntropyLoss(),
+                progress=False)
 
 
 def test_mean_mse_regression():
@@ -547,7 +561,8 @@ def test_mean_mse_regression():
     cfg = RetrainConfig(steps=20, lr=0.05, batch_size=10)
     net = nn.Linear(4, 1)
     a = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=nn.MSELoss(), progress=False)
-    b = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=lambda o, y: ((o - y) ** 2).squeeze(-1), progress=False)
+    b = loo_retrain(net, X, t, X[:4], t[:4], [0, 3], cfg, loss_fn=lambda o, y: ((o - y) ** 2).squeeze(-1),
+                    progress=False)
     torch.testing.assert_close(a.truth, b.truth)
 
 
@@ -560,7 +575,8 @@ def test_mean_mse_regression():
 def test_non_mean_losses_refused(loss, says):
     X, y = data(20)
     for call in [lambda: loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1), loss_fn=loss, progress=False),
-                 lambda: noise_floor(mlp(1), X, y, X[:3], y[:3], RetrainConfig(steps=3, lr=0.1, batch_size=5), loss_fn=loss),
+                 lambda: noise_floor(mlp(1), X, y, X[:3], y[:3], RetrainConfig(steps=3, lr=0.1, batch_size=5),
+                                     loss_fn=loss),
                  lambda: retrain_sequential(mlp(1), X, y, torch.ones(20), RetrainConfig(steps=3, lr=0.1), loss_fn=loss)]:
         with pytest.raises(InfluenceError, match=re.escape(says)): call()
 
@@ -613,8 +629,10 @@ def test_retrain_config_refuses(field, value):
 def test_train_stack_shape_misuse():
     X, y = data(20)
     net = mlp(1)
-    with pytest.raises(InfluenceError, match=r'shape \(2, 20\)'): train_stack(net, *stack_state(net, 2), torch.ones(2, 19), X, y, CFG)
-    with pytest.raises(InfluenceError, match='stack_state\\(model, 3\\)'): train_stack(net, *stack_state(net, 2), torch.ones(3, 20), X, y, CFG)
+    with pytest.raises(InfluenceError, match=r'shape \(2, 20\)'): train_stack(net, *stack_state(net, 2),
+                                                                              torch.ones(2, 19), X, y, CFG)
+    with pytest.raises(InfluenceError, match='stack_state\\(model, 3\\)'): train_stack(net, *stack_state(net, 2),
+                                                                                       torch.ones(3, 20), X, y, CFG)
     with pytest.raises(InfluenceError, match=r'shape \(20,\)'): retrain_sequential(net, X, y, torch.ones(2, 20), CFG)
 
 
@@ -627,7 +645,8 @@ def test_non_finite_training_named():
         loo_retrain(nn.Linear(4, 1), X, t, X[:3], t[:3], [2], diverge, loss_fn=sq, progress=False)
     assert 'lower cfg.lr' in str(e.value)
     with pytest.raises(NonFiniteError, match=r'control run with seed \d, step \d+'):
-        noise_floor(nn.Linear(4, 1), X, t, X[:3], t[:3], RetrainConfig(steps=200, lr=5.0, batch_size=5), seeds=[1, 2], loss_fn=sq)
+        noise_floor(nn.Linear(4, 1), X, t, X[:3], t[:3], RetrainConfig(steps=200, lr=5.0, batch_size=5), seeds=[1, 2],
+                    loss_fn=sq)
     with pytest.raises(NonFiniteError, match=r'step \d+'):
         retrain_sequential(nn.Linear(4, 1), X, t, torch.ones(20), diverge, loss_fn=sq)
     # one example's loss is infinite from the start: step 0, and the run that removes it is fine
@@ -635,7 +654,8 @@ def test_non_finite_training_named():
     y = y.clone(); y[3] = 3  # a label only example 3 has, whose loss is infinite
     bad = lambda o, t: per_example_cross_entropy(o, t.clamp(max=2)) / (t != 3).float()
     with pytest.raises(NonFiniteError, match='chunk 0, step 0'):
-        loo_retrain(mlp(1), X, y, X[:3], y[:3], [3], RetrainConfig(steps=3, lr=0.1), loss_fn=bad, progress=False, fast=False)
+        loo_retrain(mlp(1), X, y, X[:3], y[:3], [3], RetrainConfig(steps=3, lr=0.1), loss_fn=bad, progress=False,
+                    fast=False)
     with pytest.raises(NonFiniteError, match='step 0, training example 3'):
         retrain_sequential(mlp(1), X, y, torch.ones(20), RetrainConfig(steps=3, lr=0.1), loss_fn=bad)
 
@@ -645,5 +665,6 @@ def test_non_finite_chunk_not_stored(tmp_path):
     t = X.sum(1)
     sq = lambda o, y: (o.squeeze(-1) - y) ** 2
     with pytest.raises(NonFiniteError):
-        loo_retrain(nn.Linear(4, 1), X, t, X[:3], t[:3], [2], RetrainConfig(steps=200, lr=5.0), loss_fn=sq, out_dir=tmp_path, progress=False)
+        loo_retrain(nn.Linear(4, 1), X, t, X[:3], t[:3], [2], RetrainConfig(steps=200, lr=5.0), loss_fn=sq,
+                    out_dir=tmp_path, progress=False)
     assert not list(tmp_path.glob('chunk_*'))
