@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ON_FAIL', 'InfluenceError', 'HessianNotPositiveDefinite', 'InfluenceTypeError', 'NonFiniteError', 'NotConvergedError',
            'NotConvergedWarning', 'SolveInfo', 'check_on_fail', 'report_convergence', 'as_loader', 'select_params',
-           'Flat', 'PerExampleLoss', 'per_example_loss', 'HVPRows', 'Curvature', 'as_curvature']
+           'Flat', 'PerExampleLoss', 'per_example_loss', 'plain_rows', 'Curvature', 'as_curvature', 'HVPRows']
 
 # %% ../nbs/00_influence.ipynb #af2f566b
 import copy, functools, inspect, math, time, warnings
@@ -25,6 +25,8 @@ from torch.utils._pytree import tree_flatten
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 
 # %% ../nbs/00_influence.ipynb #93e6a6d0
 class InfluenceError(ValueError):
@@ -298,17 +300,17 @@ class PerExampleLoss:
         "Validate on a real batch (outside any torch.func transform): shapes, and that a scalar loss is the mean over examples."
         per = self(out, y)
         if self.elementwise is None and self.reduces is None:
-            L = self.loss_fn(out, y)
+            L, per0 = self.loss_fn(out, y).detach(), per.detach()
             self.reduces = L.dim() == 0
-            if self.reduces and y.shape[0] >= 2 and not _close(L, per.mean()):
-                if _close(L, per.sum()):
+            if self.reduces and y.shape[0] >= 2 and not _close(L, per0.mean()):
+                if _close(L, per0.sum()):
                     raise InfluenceError(
                         "loss_fn sums over the batch (its value on a batch is the sum of its values on single examples); "
                         "influence_nb's objective is the MEAN loss + (λ/2)‖θ‖²: return the mean (or per-example losses, "
                         "shape (B,)), and for a model trained on the sum with weight decay λ pass weight_decay=λ/n")
                 raise InfluenceError(
                     f"loss_fn's value on a batch ({float(L):.6g}) is not the mean of its values on the batch's single examples "
-                    f"({float(per.mean()):.6g}): it weights or ignores examples (class weights? ignore_index?). Pass a "
+                    f"({float(per0.mean()):.6g}): it weights or ignores examples (class weights? ignore_index?). Pass a "
                     "loss that returns per-example losses, shape (B,), e.g. with reduction='none'")
         return per
 
@@ -519,64 +521,14 @@ def _finite_rows(T: Tensor, name: str, what: str, start: int = 0):
         raise NonFiniteError(f"{name}: the {what} of example {j} is not finite (NaN or Inf): check the model, the loss "
                              "and that example's data")
 
-# %% ../nbs/00_influence.ipynb #ce8e1f34
-class HVPRows:
-    "Rows H_B v of one batch's mean-loss Hessian (no weight decay), by reverse-over-reverse; vmap or loop chosen per batch size."
-    def __init__(self, engine: "_Engine", # the model, loss and flat parameters
-                 mode: str = "auto", # 'vmap', 'loop', or 'auto' (timed per batch size)
-                 chunk: int | None = 64, # most rows vmapped at once
-                ):
-        if mode not in ("auto", "vmap", "loop"):
-            raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
-        self.engine, self.mode, self.chunk = engine, mode, chunk
-        self.chosen, self.trials, self.piece = {}, {}, {}      # per batch size: the way kept, its timings, rows per piece
-
-    def __call__(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        "H_B v for the rows v of V (k, p) on the batch (x, y): the batch's graph built once, one backward per row."
-        eng = self.engine
-        _, pull = vjp(lambda th: grad(eng.batch_loss)(th, x, y), eng.theta)
-        one = lambda v: pull(v)[0]
-        loop = lambda W: torch.stack([one(v) for v in W])
-        if self.mode == "vmap": return vmap(one, chunk_size=self.chunk)(V).detach()
-        if self.mode == "loop" or len(V) == 1: return loop(V).detach()
-        # 'auto': which way is faster depends on the batch size (small batches favour vmap), so it is chosen per size.
-        # A vmapped piece holds every row's intermediates at once, so 'auto' vmaps in pieces of about 64 MB of the
-        # batch's saved activations: on large batches small pieces are also the faster ones (LeNet-5, batches of 500:
-        # 72 ms per row in pieces of 2, 122 ms in pieces of 12, which peaked at 0.63 GB against the loop's 0.17 GB)
-        B, rows = x.shape[0], self.piece_rows(x, y)
-        run = {"vmap": lambda W: vmap(one, chunk_size=rows)(W), "loop": loop}
-        if B in self.chosen: return run[self.chosen[B]](V).detach()
-        trials = self.trials.setdefault(B, {"vmap": [], "loop": []})
-        # until chosen: single rows looped (a loop costs the same per row however many), then the rest vmapped in
-        # those pieces, each piece timed per row
-        n_loop = max(0, min(4 - len(trials["loop"]), len(V) - 1))
-        pieces = [("loop", i, i + 1) for i in range(n_loop)]
-        pieces += [("vmap", i, min(i + rows, len(V))) for i in range(n_loop, len(V), rows)]
-        out = []
-        for mode, a, b in pieces:
-            mode = self.chosen.get(B, mode)
-            t0 = time.perf_counter(); out.append(run[mode](V[a:b]))
-            if B not in self.chosen:
-                trials[mode].append((time.perf_counter() - t0) / (b - a))      # seconds per row
-                # the best of four per way: warm-up (a fresh process's first vmapped calls can take twice as long)
-                # and page faults of fresh allocations only ever make a timing slower
-                if min(map(len, trials.values())) >= 4:
-                    best = {m: min(t) for m, t in trials.items()}
-                    # vmap holds several rows' intermediates at once: take it when clearly faster
-                    self.chosen[B] = "vmap" if best["vmap"] < 0.9 * best["loop"] else "loop"
-        return torch.cat(out).detach()
-
-    def piece_rows(self, x: Tensor, y: Tensor) -> int:
-        "Rows per vmapped piece of 'auto' on a batch of this size: about 64 MB of the batch's saved activations (2 to chunk)."
-        B = x.shape[0]
-        if B not in self.piece:
-            saved = [0]
-            def pack(t):
-                saved[0] += t.numel() * t.element_size(); return t
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self.engine.batch_loss(self.engine.theta.detach().requires_grad_(), x, y)   # one forward, graph dropped
-            self.piece[B] = max(2, min(self.chunk or 1 << 30, (64 << 20) // max(saved[0], 1)))
-        return self.piece[B]
+# %% ../nbs/00_influence.ipynb #1f8a98a1
+def plain_rows(engine: "_Engine", # the model, loss and flat parameters
+              ) -> Callable:
+    "H_B v for the rows v of V on a batch, by one vmap over the batch's reverse-over-reverse HVP (no weight decay)."
+    def rows(V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        _, pull = vjp(lambda th: grad(engine.batch_loss)(th, x, y), engine.theta)
+        return vmap(lambda v: pull(v)[0])(V).detach()
+    return rows
 
 # %% ../nbs/00_influence.ipynb #b1412c59
 class Curvature:
@@ -586,13 +538,13 @@ class Curvature:
                  data: DataLoader, # the examples H is taken over (the training set, or a subset of it)
                  weight_decay: float = 0., # λ of the objective's (λ/2)‖θ‖²: H includes λI
                  damping: float = 0., # δ: the operator is H + δI
-                 rows: HVPRows | None = None, # the per-batch HVP rows (shared between damping variants)
+                 rows: Callable | None = None, # H_B V on a batch: plain_rows (default) or an HVPRows autotuner
                  _dense: dict | None = None):
         for nm, v in (("weight_decay", weight_decay), ("damping", damping)):
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
                 raise InfluenceError(f"{nm} must be a finite number >= 0, got {v!r}")
         set_ = lambda k, v: object.__setattr__(self, k, v)
-        set_("_engine", engine); set_("_data", data); set_("_rows", rows or HVPRows(engine))
+        set_("_engine", engine); set_("_data", data); set_("_rows", rows or plain_rows(engine))
         set_("_dense", {} if _dense is None else _dense)      # the dense H, shared by every damping of this operator
         set_("_lam", float(weight_decay)); set_("_delta", float(damping)); set_("_n", len(data.dataset))
 
@@ -606,8 +558,8 @@ class Curvature:
     damping = property(lambda s: s._delta, doc="δ, added to H")
     data = property(lambda s: s._data, doc="the DataLoader H is taken over")
     num_examples = property(lambda s: s._n, doc="how many examples H averages over")
-    hvp_modes = property(lambda s: dict(s._rows.chosen), doc="'auto''s choice per batch size: {size: 'vmap' or 'loop'}")
-    tuner = property(lambda s: s._rows, doc="the HVPRows autotuner behind every product")
+    hvp_modes = property(lambda s: dict(getattr(s._rows, "chosen", {})), doc="an HVPRows tuner's choice per batch size")
+    tuner = property(lambda s: s._rows, doc="what computes H_B V on a batch (plain_rows, or an HVPRows autotuner)")
 
     def with_damping(self, damping: float) -> "Curvature":
         "The same curvature with another damping δ (shares the HVP autotuner and the dense H)."
@@ -684,6 +636,65 @@ def as_curvature(obj) -> Curvature:
     op = getattr(obj, "curvature", None)
     if isinstance(op, Curvature): return op
     raise InfluenceTypeError(f"expected a Curvature or an Influence, got {type(obj).__name__}")
+
+# %% ../nbs/00_influence.ipynb #ce8e1f34
+class HVPRows:
+    "Rows H_B v of one batch's mean-loss Hessian (no weight decay), by reverse-over-reverse; vmap or loop chosen per batch size."
+    def __init__(self, engine: "_Engine", # the model, loss and flat parameters
+                 mode: str = "auto", # 'vmap', 'loop', or 'auto' (timed per batch size)
+                 chunk: int | None = 64, # most rows vmapped at once
+                ):
+        if mode not in ("auto", "vmap", "loop"):
+            raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        self.engine, self.mode, self.chunk = engine, mode, chunk
+        self.chosen, self.trials, self.piece = {}, {}, {}      # per batch size: the way kept, its timings, rows per piece
+
+    def __call__(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        "H_B v for the rows v of V (k, p) on the batch (x, y): the batch's graph built once, one backward per row."
+        eng = self.engine
+        _, pull = vjp(lambda th: grad(eng.batch_loss)(th, x, y), eng.theta)
+        one = lambda v: pull(v)[0]
+        loop = lambda W: torch.stack([one(v) for v in W])
+        if self.mode == "vmap": return vmap(one, chunk_size=self.chunk)(V).detach()
+        if self.mode == "loop" or len(V) == 1: return loop(V).detach()
+        # 'auto': which way is faster depends on the batch size (small batches favour vmap), so it is chosen per size.
+        # A vmapped piece holds every row's intermediates at once, so 'auto' vmaps in pieces of about 64 MB of the
+        # batch's saved activations: on large batches small pieces are also the faster ones (LeNet-5, batches of 500:
+        # 72 ms per row in pieces of 2, 122 ms in pieces of 12, which peaked at 0.63 GB against the loop's 0.17 GB)
+        B, rows = x.shape[0], self.piece_rows(x, y)
+        run = {"vmap": lambda W: vmap(one, chunk_size=rows)(W), "loop": loop}
+        if B in self.chosen: return run[self.chosen[B]](V).detach()
+        trials = self.trials.setdefault(B, {"vmap": [], "loop": []})
+        # until chosen: single rows looped (a loop costs the same per row however many), then the rest vmapped in
+        # those pieces, each piece timed per row
+        n_loop = max(0, min(4 - len(trials["loop"]), len(V) - 1))
+        pieces = [("loop", i, i + 1) for i in range(n_loop)]
+        pieces += [("vmap", i, min(i + rows, len(V))) for i in range(n_loop, len(V), rows)]
+        out = []
+        for mode, a, b in pieces:
+            mode = self.chosen.get(B, mode)
+            t0 = time.perf_counter(); out.append(run[mode](V[a:b]))
+            if B not in self.chosen:
+                trials[mode].append((time.perf_counter() - t0) / (b - a))      # seconds per row
+                # the best of four per way: warm-up (a fresh process's first vmapped calls can take twice as long)
+                # and page faults of fresh allocations only ever make a timing slower
+                if min(map(len, trials.values())) >= 4:
+                    best = {m: min(t) for m, t in trials.items()}
+                    # vmap holds several rows' intermediates at once: take it when clearly faster
+                    self.chosen[B] = "vmap" if best["vmap"] < 0.9 * best["loop"] else "loop"
+        return torch.cat(out).detach()
+
+    def piece_rows(self, x: Tensor, y: Tensor) -> int:
+        "Rows per vmapped piece of 'auto' on a batch of this size: about 64 MB of the batch's saved activations (2 to chunk)."
+        B = x.shape[0]
+        if B not in self.piece:
+            saved = [0]
+            def pack(t):
+                saved[0] += t.numel() * t.element_size(); return t
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.engine.batch_loss(self.engine.theta.detach().requires_grad_(), x, y)   # one forward, graph dropped
+            self.piece[B] = max(2, min(self.chunk or 1 << 30, (64 << 20) // max(saved[0], 1)))
+        return self.piece[B]
 
 # %% ../nbs/00_influence.ipynb #c2d13b56
 _MOVED = {"solvers": ("SOLVERS", "register_solver", "IHVPSolver", "make_solver", "relative_residual", "ExactSolver"),

@@ -20,6 +20,7 @@ from torch import nn, Tensor
 
 from .core import HessianNotPositiveDefinite
 from .scoring import Influence
+from .solvers import IndefiniteHessianWarning
 from .retrain import RetrainConfig, train_stack, loo_retrain
 from .metrics import correlation, top_fraction
 from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_study, run_study
@@ -158,13 +159,17 @@ def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data
     ce = nn.CrossEntropyLoss()
     inf = Influence(model, ce, (Xtr, ytr), weight_decay=setting.weight_decay, damping=setting.damping, batch_size=len(ytr))
     damping, note = setting.damping, ""
-    try:
-        inf.solver.eigh(inf)
-    except HessianNotPositiveDefinite as e:        # not at a strict minimum: damp just enough, and say so
-        lo = float(torch.linalg.eigvalsh(inf.hessian())[0])
-        damping, note = -lo + 1e-3, f"Hessian not positive definite (smallest eigenvalue {lo:.2e}): damping raised to {-lo + 1e-3:.2e}"
-        inf = Influence(model, ce, (Xtr, ytr), weight_decay=setting.weight_decay, damping=damping, batch_size=len(ytr))
-    evals = inf.solver.eigh(inf)[0] - damping
+    with warnings.catch_warnings():             # an indefinite H + δI is recorded below (min_eigenvalue, note), not printed
+        warnings.simplefilter("ignore", IndefiniteHessianWarning)
+        try:
+            inf.solver.eigh(inf)
+        except HessianNotPositiveDefinite as e:        # not at a strict minimum: damp just enough, and say so
+            lo = float(torch.linalg.eigvalsh(inf.hessian())[0])
+            damping, note = -lo + 1e-3, f"Hessian not positive definite (smallest eigenvalue {lo:.2e}): damping raised to {-lo + 1e-3:.2e}"
+            inf = inf.with_damping(damping)
+        evals = inf.solver.eigh(inf)[0] - damping
+    if float(evals[0]) + damping < 0:
+        note = f"H + δI indefinite (smallest eigenvalue {float(evals[0]) + damping:.2e} with δ={damping:g})"
     test_losses = inf.losses((Xte, yte))
     t = int(test_losses.argmax())
     scores, info = inf.scores((Xte[t:t + 1], yte[t:t + 1]), return_info=True)

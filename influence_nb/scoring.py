@@ -190,7 +190,8 @@ class Influence(_Engine):
         return self.curvature.hvp_modes
 
     @_grad_on
-    def solve(self, V: Tensor) -> tuple[Tensor, SolveInfo]:
+    def solve(self, V: Tensor, # right-hand sides: a vector (p,) or a matrix (k, p)
+             ) -> tuple[Tensor, SolveInfo]:
         "Solve (H + δI) X = V for the rows of V (p,) or (k, p); returns X and a SolveInfo with the residual."
         if not isinstance(V, Tensor) or V.dim() not in (1, 2):
             raise InfluenceError(f"solve needs a vector (p,) or a matrix (k, p) of right-hand sides, got "
@@ -205,7 +206,10 @@ class Influence(_Engine):
         return (X[0] if single else X), info
 
     @_grad_on
-    def scores(self, test, method: str = "auto", return_info: bool = False):
+    def scores(self, test, # the test points: (X, y), a map-style Dataset or an in-order DataLoader
+               method: str = "auto", # the scoring pass: 'layer', 'grad', 'jvp', or 'auto' (chosen as described above)
+               return_info: bool = False, # also return the SolveInfo of the solve
+              ):
         "Predicted change of each test loss when each training example is removed: (n_test, n_train) = ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j / n."
         if method not in ("auto", "grad", "jvp", "layer"):
             raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
@@ -246,14 +250,16 @@ class Influence(_Engine):
         return torch.cat([out[:i], *extra]) if extra else out[:i]
 
     @_grad_on
-    def param_changes(self, return_info: bool = False):
+    def param_changes(self, return_info: bool = False, # also return the SolveInfo of the solve
+                     ):
         "Predicted parameter change on removing each training example, (n, p): Δθ_j ≈ (H+δI)⁻¹∇ℓ_j / n."
         X, info = self.solve(self.grad_matrix(self.train, "train"))
         out = X / self.num_train()
         return (out, info) if return_info else out
 
     @_grad_on
-    def self_influence(self, return_info: bool = False):
+    def self_influence(self, return_info: bool = False, # also return the SolveInfo of the solve
+                      ):
         "Predicted change of each training example's own loss on its removal, (n,): ∇ℓ_jᵀ(H+δI)⁻¹∇ℓ_j / n."
         G = self.grad_matrix(self.train, "train")
         X, info = self.solve(G)
@@ -261,16 +267,31 @@ class Influence(_Engine):
         return (out, info) if return_info else out
 
 # %% ../nbs/00c_scoring.ipynb #5beb2259
-def influence_scores(model: nn.Module, loss_fn: Callable, train, test, *, weight_decay: float = 0., damping: float = 0.,
-                     solver="exact", params=None, batch_size: int = 256, dtype=None, return_info: bool = False,
-                     hessian_data=None, **solver_options):
+def influence_scores(model: nn.Module, # the trained model, at θ*
+                     loss_fn: Callable, # a torch loss or a function of (outputs, targets): see the contract (notebook 00)
+                     train, # the training set: (X, y), a map-style Dataset or an in-order DataLoader
+                     test, # the test points, in any of the same forms
+                     *, weight_decay: float = 0., # λ of training's (λ/2)‖θ‖²: part of H
+                     damping: float = 0., # δ added to H (0: none)
+                     solver="exact", # 'exact', 'cg', 'block_cg', 'lissa' or an IHVPSolver
+                     params=None, # the parameters influence is taken with respect to (default: all trainable)
+                     batch_size: int = 256, # examples per batch for data given as tensors or a Dataset
+                     dtype=None, # precision of the computation (default: the parameters')
+                     return_info: bool = False, # also return the SolveInfo of the solve
+                     hessian_data=None, # take H over these examples instead of the training set
+                     **solver_options, # passed to the solver (tol=, max_iter=, depth=, on_fail=, ...)
+                    ):
     "Predicted change of each test example's loss when each training example is removed, Tensor[n_test, n_train]."
     inf = Influence(model, loss_fn, train, weight_decay=weight_decay, damping=damping, solver=solver, params=params,
                     batch_size=batch_size, dtype=dtype, hessian_data=hessian_data, **solver_options)
     return inf.scores(test, return_info=return_info)
 
 # %% ../nbs/00c_scoring.ipynb #3a8f208c
-def upweight_influence(model: nn.Module, loss_fn: Callable, train, test, **kw):
+def upweight_influence(model: nn.Module, # the trained model, at θ*
+                       loss_fn: Callable, # as for influence_scores
+                       train, test, # the training set and the test points, as for influence_scores
+                       **kw, # influence_scores's options (weight_decay=, damping=, solver=, return_info=, ...)
+                      ):
     "The paper's I(z, z_t) = -∇ℓ_tᵀ H⁻¹ ∇ℓ_z: d(test loss)/dε when z is up-weighted by ε; equals -n × influence_scores."
     out = influence_scores(model, loss_fn, train, test, **kw)
     scores, info = out if isinstance(out, tuple) else (out, None)
@@ -278,12 +299,20 @@ def upweight_influence(model: nn.Module, loss_fn: Callable, train, test, **kw):
     return (-n * scores, info) if info is not None else -n * scores
 
 # %% ../nbs/00c_scoring.ipynb #7d33e215
-def param_changes(model: nn.Module, loss_fn: Callable, train, **kw):
+def param_changes(model: nn.Module, # the trained model, at θ*
+                  loss_fn: Callable, # as for influence_scores
+                  train, # the training set, as for influence_scores
+                  **kw, # Influence's options (weight_decay=, damping=, solver=, ...) and return_info=
+                 ):
     "Predicted change of the parameters when each training example is removed, Tensor[n_train, p]."
     return_info = kw.pop("return_info", False)
     return Influence(model, loss_fn, train, **kw).param_changes(return_info=return_info)
 
-def self_influence(model: nn.Module, loss_fn: Callable, train, **kw):
+def self_influence(model: nn.Module, # the trained model, at θ*
+                   loss_fn: Callable, # as for influence_scores
+                   train, # the training set, as for influence_scores
+                   **kw, # Influence's options (weight_decay=, damping=, solver=, ...) and return_info=
+                  ):
     "Predicted change of each training example's own loss when it is removed, Tensor[n_train]."
     return_info = kw.pop("return_info", False)
     return Influence(model, loss_fn, train, **kw).self_influence(return_info=return_info)

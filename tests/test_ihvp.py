@@ -9,8 +9,10 @@ from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from conftest import iris, iris_mlp, ridge_data, half_mse, ridge_hessian
-from influence_nb.core import (Influence, ExactSolver, HessianNotPositiveDefinite, influence_scores, SOLVERS, make_solver,
-                               InfluenceError, NonFiniteError, NotConvergedWarning, NotConvergedError)
+from influence_nb.core import (HessianNotPositiveDefinite, InfluenceError, NonFiniteError, NotConvergedWarning,
+                               NotConvergedError)
+from influence_nb.solvers import ExactSolver, SOLVERS, make_solver
+from influence_nb.scoring import Influence, influence_scores
 from influence_nb.ihvp import (CGSolver, BlockCGSolver, LissaSolver, LissaDivergence, LissaOverflow, top_eigenvalue,
                                bottom_eigenvalue, power_iteration, peak_memory, minibatches)
 
