@@ -19,7 +19,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import iris_case, cnn_case, lenet                 # noqa: E402
-from influence_nb.core import Influence                        # noqa: E402
+from influence_nb.scoring import Influence                     # noqa: E402
 
 
 def models():

@@ -24,7 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import load_case                                            # noqa: E402
-from influence_nb.core import Influence, IHVPSolver, SolveInfo        # noqa: E402
+from influence_nb.core import SolveInfo                              # noqa: E402
+from influence_nb.solvers import IHVPSolver                          # noqa: E402
+from influence_nb.scoring import Influence                           # noqa: E402
 
 
 class Identity(IHVPSolver):

@@ -21,7 +21,8 @@ def worker(way: str) -> dict:
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))
     from cases import load_case
-    from influence_nb.core import Influence, layer_plan, layer_scores, _EvalMode
+    from influence_nb.core import _EvalMode
+    from influence_nb.scoring import Influence, layer_plan, layer_scores
     from influence_nb.ihvp import peak_memory
     F = torch.nn.functional.cross_entropy
     case = load_case("fashion"); case.model.requires_grad_(True)

@@ -91,7 +91,7 @@ def _loader(X, y, batch_size, shuffle=False):
 
 def lissa_scale(case):
     "LiSSA's scale, the same for every library: 1.1 × (top eigenvalue of H + λ + δ), by our Lanczos (not timed)."
-    from influence_nb.core import Influence
+    from influence_nb.scoring import Influence
     from influence_nb.ihvp import top_eigenvalue
     import torch
     path = Path(tempfile.gettempdir()) / f"influence_bench_scale_{case.name}.json"
@@ -113,7 +113,7 @@ def method_fn(case, method, settings):
     hX, hy = case.hessian_data()
     test = (case.X_test, case.y_test)
     if method.startswith("ours"):
-        from influence_nb.core import Influence
+        from influence_nb.scoring import Influence
         from influence_nb.ihvp import CGSolver, BlockCGSolver, LissaSolver
         solver = {"ours_exact": lambda: "exact",
                   "ours_cg": lambda: CGSolver(**settings["cg"], on_fail="ignore"),
@@ -142,7 +142,7 @@ def method_fn(case, method, settings):
             s = settings["cg"]
             if method == "pydvl_cg_block": rtol, atol = s["tol"] ** 0.5, 0.0
             else:
-                from influence_nb.core import Influence
+                from influence_nb.scoring import Influence
                 bmin = float(Influence(case.model, F, test).grad_matrix(test).norm(dim=1).min())
                 rtol, atol = 0.0, (s["tol"] * bmin) ** 0.5
             model = CgInfluence(case.model, F, regularization=reg, rtol=rtol, atol=atol, maxiter=s["max_iter"],

@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import ROOT, load_case                                      # noqa: E402
-from influence_nb.core import Influence                                # noqa: E402
+from influence_nb.scoring import Influence                             # noqa: E402
 from influence_nb.ihvp import _orth_rows                               # noqa: E402
 
 TOL = {"cnn": 1e-6, "fashion": 1e-4}      # the CG tolerances of peers.py
