@@ -252,8 +252,8 @@ def test_auto_hvp_mode_is_chosen_per_batch_size():
     W = torch.randn(100, 43, generator=g, dtype=torch.float64)     # many rows: timed in pieces within one call
     many = make(batch_size=60, hvp_chunk=16)
     torch.testing.assert_close(many.hvp(W), make(batch_size=60, hvp_mode="vmap").hvp(W))
-    assert list(many.hvp_modes) == [60] and many.curvature.tuner.piece_rows(X,
-                                                                            y) == 16   # pieces of hvp_chunk rows for a tiny model
+    # pieces of hvp_chunk rows for a tiny model
+    assert list(many.hvp_modes) == [60] and many.curvature.tuner.piece_rows(X, y) == 16
 
 
 def test_auto_hvp_pieces_shrink_with_the_batch_activations():
@@ -261,8 +261,8 @@ def test_auto_hvp_pieces_shrink_with_the_batch_activations():
     wide = nn.Sequential(nn.Linear(4, 20000), nn.Tanh(), nn.Linear(20000, 3)).double()
     X, y = torch.randn(200, 4, dtype=torch.float64), torch.randint(0, 3, (200,))
     inf = Influence(wide, nn.CrossEntropyLoss(), (X, y), batch_size=200)
-    big, small = inf.curvature.tuner.piece_rows(X, y), inf.curvature.tuner.piece_rows(X[:2],
-                                                                                      y[:2])   # ~64 MB of saved activations per piece
+    piece_rows = inf.curvature.tuner.piece_rows
+    big, small = piece_rows(X, y), piece_rows(X[:2], y[:2])            # ~64 MB of saved activations per piece
     assert big == 2 and small >= 16                                     # 200 x 20,000 float64 = 32 MB per tensor
     V = torch.randn(5, inf.num_params, dtype=torch.float64)
     torch.testing.assert_close(inf.hvp(V), Influence(wide, nn.CrossEntropyLoss(), (X, y), batch_size=200,

@@ -1,4 +1,5 @@
-"""The notebooks are the source: exporting them reproduces influence_nb/ exactly, they are clean, and README.md is current."""
+"""The notebooks are the source: exporting them reproduces influence_nb/ exactly, they are clean, and README.md is
+current."""
 import shutil, subprocess, sys
 from pathlib import Path
 
@@ -10,8 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _copy(tmp_path):
     "A copy of the sources (not .git, .venv or outputs) to run nbdev's commands on without touching the checkout."
     dst = tmp_path / "repo"
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "_docs", "_proc", "node_modules",
-                                                              "__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"))
+    skip = (".git", ".venv", "runs", "_docs", "_proc", "node_modules", "__pycache__", "*.egg-info", ".hypothesis",
+            ".pytest_cache")
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(*skip))
     return dst
 
 

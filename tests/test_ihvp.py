@@ -117,7 +117,8 @@ def test_lissa_never_returns_nan(setup):
 
 
 def test_lissa_memory_flat_with_depth(setup):
-    "Peak memory at depth 100 and 400 differ by < 3 MB; a graph-keeping version grows by tens of MB (checked as a control)."
+    """Peak memory at depth 100 and 400 differ by < 3 MB; a graph-keeping version grows by tens of MB (checked as a
+    control)."""
     m, inf, (X, y), _, G = setup
     run = lambda d: LissaSolver(depth=d, scale=10., batch_size=120, on_fail="ignore").solve(inf, G[:1])
     run(10)
@@ -236,7 +237,8 @@ TINY = {"cg": dict(max_iter=1), "block_cg": dict(max_iter=1),
 
 
 def _exact_reference(m, X, y, V):
-    "(H + δI)⁻¹ V in float64 from torch.func.hessian of mean CE + λ/2|θ|² and torch.linalg.solve (independent of the engine)."
+    """(H + δI)⁻¹ V in float64 from torch.func.hessian of mean CE + λ/2|θ|² and torch.linalg.solve (independent of the
+    engine)."""
     names = [n for n, _ in m.named_parameters()]
     shapes = [p.shape for _, p in m.named_parameters()]
     theta = torch.cat([p.detach().flatten() for _, p in m.named_parameters()]).double()
@@ -322,7 +324,8 @@ def test_lissa_batch_larger_than_training_set_is_the_whole_set(problem):
 
 
 def test_lissa_failures_of_issue_15_warn(setup):
-    "A scale 1000x the chosen one, and damping 1e-6 on the ill-conditioned depth-2 MLP: both far off, both now reported."
+    """A scale 1000x the chosen one, and damping 1e-6 on the ill-conditioned depth-2 MLP: both far off, both now
+    reported."""
     m, _, train, test, _ = setup
     inf = Influence(m, CE, train, weight_decay=WD, damping=0.01, dtype=torch.float64)
     V = inf.grad_matrix(test)[:10]
@@ -332,7 +335,8 @@ def test_lissa_failures_of_issue_15_warn(setup):
     assert float(((X - Xe).norm(dim=1) / Xe.norm(dim=1)).max()) > 0.9
     assert info.converged is False and len(w) == 1
     msg = str(w[0].message)
-    assert "raise depth" in msg and f"scale={1000 * s:.4g} (as given)" in msg and "repeats" in msg and "batch_size" in msg
+    assert "raise depth" in msg and f"scale={1000 * s:.4g} (as given)" in msg
+    assert "repeats" in msg and "batch_size" in msg
     with pytest.raises(NotConvergedError): LissaSolver(scale=1000 * s, on_fail="raise").solve(inf, V)
     m2 = iris_mlp(hidden=(5, 5), lam=WD)
     inf2 = Influence(m2, CE, train, weight_decay=WD, damping=1e-6, dtype=torch.float64)
@@ -344,7 +348,8 @@ def test_lissa_failures_of_issue_15_warn(setup):
 
 
 def _poisoned(setup, after=1):
-    "An engine whose HVPs (full-data and minibatch) turn NaN from the `after`-th call on: the solvers' own checks must name it."
+    """An engine whose HVPs (full-data and minibatch) turn NaN from the `after`-th call on: the solvers' own checks must
+    name it."""
     m, _, train, test, _ = setup
     inf = Influence(m, CE, train, weight_decay=WD, damping=DAMP, dtype=torch.float64)
     V = inf.grad_matrix(test)[:2]
@@ -366,8 +371,8 @@ def _poisoned(setup, after=1):
 def test_non_finite_hvp_is_named(setup, name):
     inf, V = _poisoned(setup, after=3)
     opts = {"lissa": dict(scale=5., depth=20)}.get(name, {})
-    with pytest.raises(NonFiniteError,
-                       match=rf"^{name}: .*not finite.*(iteration|step) [23]\b|^{name}: .*(iteration|step) [23]\b.*not finite"):
+    at = r"(iteration|step) [23]\b"
+    with pytest.raises(NonFiniteError, match=rf"^{name}: .*not finite.*{at}|^{name}: .*{at}.*not finite"):
         make_solver(name, **opts).solve(inf, V)
 
 
