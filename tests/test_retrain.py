@@ -353,10 +353,11 @@ def test_loss_fingerprint_tells_options_apart():
     def closure(c): return lambda o, t: c * per_example_cross_entropy(o, t)
     losses = [nn.CrossEntropyLoss(label_smoothing=0.1), nn.CrossEntropyLoss(label_smoothing=0.2),
               nn.CrossEntropyLoss(reduction='none'), nn.CrossEntropyLoss(ignore_index=2),
-              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.])), nn.CrossEntropyLoss(weight=torch.tensor([1., 2.,
-                                                                                                               4.])),
+              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.])),
+              nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 4.])),
               nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.], dtype=torch.float64)),
-              nn.HuberLoss(delta=1.), nn.HuberLoss(delta=2.), nn.SmoothL1Loss(beta=0.5), nn.MarginRankingLoss(margin=0.1),
+              nn.HuberLoss(delta=1.), nn.HuberLoss(delta=2.), nn.SmoothL1Loss(beta=0.5),
+              nn.MarginRankingLoss(margin=0.1),
               lambda o, t: 0.5 * per_example_cross_entropy(o, t), lambda o, t: 0.6 * per_example_cross_entropy(o, t),
               lambda o, t: a * per_example_cross_entropy(o, t), lambda o, t: b * per_example_cross_entropy(o, t),
               closure(1.0), closure(3.0),
@@ -375,8 +376,10 @@ def test_loss_fingerprint_tells_options_apart():
     assert loss_fingerprint(nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.]))) == fps[4]
     assert loss_fingerprint(closure(1.0)) == fps[15]
     assert loss_fingerprint(functools.partial(scaled_ce, s=2.0)) == fps[21]
-    assert loss_fingerprint(per_example(nn.CrossEntropyLoss(label_smoothing=0.1))) == fps[0]  # the wrapper is transparent
-    assert 'label_smoothing=0.1' in loss_description(losses[0]) and 'weight=tensor(shape=(3,)' in loss_description(losses[4])
+    # the wrapper is transparent
+    assert loss_fingerprint(per_example(nn.CrossEntropyLoss(label_smoothing=0.1))) == fps[0]
+    assert 'label_smoothing=0.1' in loss_description(losses[0])
+    assert 'weight=tensor(shape=(3,)' in loss_description(losses[4])
     assert 'lambda o, t: 0.5' in loss_description(losses[11])
 
 
@@ -414,10 +417,12 @@ SCRIPT = textwrap.dedent('''
     def make(c): return lambda o, t: c * F.cross_entropy(o, t, reduction='none') + K
     def helper(o, t): return (o.squeeze(-1) - t) ** 2
     losses = [nn.CrossEntropyLoss(label_smoothing=0.1, weight=torch.tensor([1., 2., 3.])), make(0.5),
-              lambda o, t, s=3: s * helper(o, t), functools.partial(F.cross_entropy, reduction='none', label_smoothing=0.2),
+              lambda o, t, s=3: s * helper(o, t),
+              functools.partial(F.cross_entropy, reduction='none', label_smoothing=0.2),
               nn.Sequential(nn.Identity()), per_example_cross_entropy]
     if WARM:  # run the lambdas many times first: the interpreter specialises their bytecode
-        for _ in range(200): losses[1](torch.randn(4, 3), torch.tensor([0, 1, 2, 0])); losses[2](torch.randn(4, 1), torch.randn(4))
+        for _ in range(200):
+            losses[1](torch.randn(4, 3), torch.tensor([0, 1, 2, 0])); losses[2](torch.randn(4, 1), torch.randn(4))
     print(json.dumps([loss_fingerprint(f) for f in losses]))
 ''')
 
@@ -448,8 +453,8 @@ def snapshot(d):
 
 
 @pytest.mark.parametrize('first,second,says', [
-    (nn.CrossEntropyLoss(label_smoothing=0.1, reduction='none'), nn.CrossEntropyLoss(label_smoothing=0.2, reduction='none'),
-     'label_smoothing=0.2'),
+    (nn.CrossEntropyLoss(label_smoothing=0.1, reduction='none'),
+     nn.CrossEntropyLoss(label_smoothing=0.2, reduction='none'), 'label_smoothing=0.2'),
     (nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 3.]), reduction='none'),
      nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 4.]), reduction='none'), 'same description, different contents'),
     (lambda o, t: 0.5 * per_example_cross_entropy(o, t), lambda o, t: 0.6 * per_example_cross_entropy(o, t), '0.6'),
@@ -468,7 +473,8 @@ def test_refusal_names_each_setting(tmp_path):
     small_run(tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(InfluenceError) as e: small_run(tmp_path, cfg=RetrainConfig(steps=4, lr=0.2, momentum=0.5))
-    assert 'cfg.lr: 0.1 -> 0.2' in str(e.value) and 'cfg.momentum: 0.0 -> 0.5' in str(e.value) and 'loss' not in str(e.value)
+    msg = str(e.value)
+    assert 'cfg.lr: 0.1 -> 0.2' in msg and 'cfg.momentum: 0.0 -> 0.5' in msg and 'loss' not in msg
     X, y = data(20)
     with pytest.raises(InfluenceError, match='model') as e:
         loo_retrain(mlp(6), X, y, X[:3], y[:3], [1, 2, 7], RetrainConfig(steps=4, lr=0.1), chunk_size=2,
@@ -521,11 +527,11 @@ def test_resume_with_fresh_identical_lambda_reuses_chunks(tmp_path):
     def crash(c, res):
         if c == 1: raise Crash()
     with pytest.raises(Crash):
-        loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2, out_dir=tmp_path,
-                    callback=crash, progress=False)
+        loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2,
+                    out_dir=tmp_path, callback=crash, progress=False)
     trained = []
-    res = loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2, out_dir=tmp_path,
-                      callback=lambda c, r: trained.append(c), progress=False)
+    res = loo_retrain(mlp(4), X, y, X[:5], y[:5], [0, 3, 8, 21, 29], cfg, loss_fn=make(0.7), chunk_size=2,
+                      out_dir=tmp_path, callback=lambda c, r: trained.append(c), progress=False)
     assert trained == [2]
     assert torch.equal(res.truth, full.truth) and torch.equal(res.param_change, full.param_change)
 
@@ -574,10 +580,11 @@ def test_mean_mse_regression():
 ])
 def test_non_mean_losses_refused(loss, says):
     X, y = data(20)
-    for call in [lambda: loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], RetrainConfig(steps=3, lr=0.1), loss_fn=loss, progress=False),
+    cfg = RetrainConfig(steps=3, lr=0.1)
+    for call in [lambda: loo_retrain(mlp(1), X, y, X[:3], y[:3], [2], cfg, loss_fn=loss, progress=False),
                  lambda: noise_floor(mlp(1), X, y, X[:3], y[:3], RetrainConfig(steps=3, lr=0.1, batch_size=5),
                                      loss_fn=loss),
-                 lambda: retrain_sequential(mlp(1), X, y, torch.ones(20), RetrainConfig(steps=3, lr=0.1), loss_fn=loss)]:
+                 lambda: retrain_sequential(mlp(1), X, y, torch.ones(20), cfg, loss_fn=loss)]:
         with pytest.raises(InfluenceError, match=re.escape(says)): call()
 
 
@@ -619,8 +626,8 @@ def test_loo_retrain_misuse(tmp_path, kw, err, says):
     assert not (tmp_path / 'out').exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize('field,value', [('steps', -1), ('steps', 2.5), ('lr', 0.), ('lr', math.nan), ('weight_decay', -1e-3),
-                                         ('momentum', 1.0), ('batch_size', 0), ('seed', 0.5)])
+@pytest.mark.parametrize('field,value', [('steps', -1), ('steps', 2.5), ('lr', 0.), ('lr', math.nan),
+                                         ('weight_decay', -1e-3), ('momentum', 1.0), ('batch_size', 0), ('seed', 0.5)])
 def test_retrain_config_refuses(field, value):
     with pytest.raises(InfluenceError, match=f'{field}='):
         RetrainConfig(**{'steps': 3, 'lr': 0.1, field: value})
