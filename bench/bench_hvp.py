@@ -74,7 +74,8 @@ def main():
                 t0 = time.perf_counter(); f(); times[nm].append(time.perf_counter() - t0)
         ms = {nm: statistics.median(v) * 1e3 / (1 if nm == "fb" else k) for nm, v in times.items()}
         print(f"| {name} | {ms['fr_vmap']:.3g} | {ms['fr_loop']:.3g} | {ms['rr_loop']:.3g} | {ms['rr_vmap']:.3g} | "
-              f"{ms['auto']:.3g} ({engine.hvp_modes.get(len(y))}) | {ms['fb']:.3g} | {ms['fr_vmap'] / ms['auto']:.1f}x |",
+              f"{ms['auto']:.3g} ({engine.hvp_modes.get(len(y))}) | {ms['fb']:.3g} "
+              f"| {ms['fr_vmap'] / ms['auto']:.1f}x |",
               flush=True)
     print("\nms per vector (forward+backward: ms per batch); medians of", args.repeats, "repeats,", args.threads,
           "thread(s)")

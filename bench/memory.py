@@ -5,7 +5,8 @@
 Resident memory counts what glibc's allocator keeps, not only live tensors: its dynamic mmap threshold rises each time a
 large block is freed, later medium-sized blocks then come from the heap, and blocks that outlive a batch fragment it.
 This script runs the scoring pass two ways, each in a fresh process with the same history before it:
-- `engine`: `Influence.scores` (method 'layer'), which writes each batch's rows into one (n, k) tensor allocated up front;
+- `engine`: `Influence.scores` (method 'layer'), which writes each batch's rows into one (n, k) tensor allocated
+            up front;
 - `list`:   the same `layer_scores` per batch, the blocks kept in a list and concatenated at the end (the engine's
             way before 2026-11-22).
 It prints the peak resident-memory increase and the wall time of each, median over repeats.
@@ -62,7 +63,8 @@ def main():
     print("| scoring pass, 60,000 points, 10 vectors | peak resident memory (MB) | wall (s) | runs: MB |")
     print("|---|---|---|---|")
     for way, rs in res.items():
-        print(f"| {way} | {statistics.median(r['peak_mb'] for r in rs):.0f} | {statistics.median(r['wall'] for r in rs):.2f} "
+        print(f"| {way} | {statistics.median(r['peak_mb'] for r in rs):.0f} "
+              f"| {statistics.median(r['wall'] for r in rs):.2f} "
               "| " + ", ".join(f"{r['peak_mb']:.0f}" for r in rs) + " |")
 
 

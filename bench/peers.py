@@ -10,7 +10,8 @@ library warms a cache for another; repeats are interleaved (all methods once, th
 trained model and the tensors in memory to the (n_test, n_train) score matrix (fitting the Hessian or operator,
 the inverse-HVP solves, the pass over the training set). Not timed: importing, loading data, building the model.
 Peak memory: resident memory sampled every 2 ms during the timed call, minus the resident memory just before it.
-Before timing, each process runs a toy vmap/grad/jvp/vjp once, so torch.func's lazy imports (about 1 s) are paid untimed.
+Before timing, each process runs a toy vmap/grad/jvp/vjp once, so torch.func's lazy imports (about 1 s) are paid
+untimed.
 Where the time went: `solve` is the inverse-HVP solve (ours: Influence.solve, with its residual check; pyDVL: fit +
 influence factors; captum does all in one call and shows none), `rest` the wall time besides it (mostly the scoring
 pass over the training set). `HVPs` counts Hessian-vector products in full-data equivalents (vectors × examples of
@@ -52,8 +53,9 @@ METHODS = {
 }
 # calls per process: the first pays one-time costs and is reported apart; the median of the others is the time
 CALLS = {"iris": 7, "cnn": 1, "fashion": 1}
-SOLVER_OF = {"ours_exact": "exact", "pydvl_direct": "exact", "captum_naive": "exact", "ours_cg": "cg", "ours_cg_block": "cg",
-             "pydvl_cg": "cg", "pydvl_cg_block": "cg", "captum_arnoldi": "cg", "ours_lissa": "lissa", "pydvl_lissa": "lissa"}
+SOLVER_OF = {"ours_exact": "exact", "pydvl_direct": "exact", "captum_naive": "exact",
+             "ours_cg": "cg", "ours_cg_block": "cg", "pydvl_cg": "cg", "pydvl_cg_block": "cg", "captum_arnoldi": "cg",
+             "ours_lissa": "lissa", "pydvl_lissa": "lissa"}
 
 
 # ---------------------------------------------------------------- worker side (one method, one process)
@@ -118,9 +120,9 @@ def method_fn(case, method, settings):
         solver = {"ours_exact": lambda: "exact",
                   "ours_cg": lambda: CGSolver(**settings["cg"], on_fail="ignore"),
                   "ours_cg_block": lambda: BlockCGSolver(**settings["cg"], on_fail="ignore"),
-                  "ours_lissa": lambda: LissaSolver(depth=settings["lissa"]["depth"], batch_size=settings["lissa"]["batch_size"],
-                                                    scale=lissa_scale(case), repeats=1, seed=0,
-                                                    on_fail="ignore")}[method]()
+                  "ours_lissa": lambda: LissaSolver(depth=settings["lissa"]["depth"],
+                                                    batch_size=settings["lissa"]["batch_size"], scale=lissa_scale(case),
+                                                    repeats=1, seed=0, on_fail="ignore")}[method]()
         hd = None if case.hessian_idx is None else (hX, hy)
         def run():
             inf = Influence(case.model, F, (case.X_train, case.y_train), weight_decay=lam, damping=delta, solver=solver,
@@ -255,7 +257,8 @@ def run_one(case, method, out, timeout, mmap_threshold=None):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--case", case, "--method", method, "--out",
            str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    if mmap_threshold:      # glibc: a fixed threshold turns off its dynamic one, so large freed blocks go back to the OS
+    # glibc: a fixed threshold turns off its dynamic one, so large freed blocks go back to the OS
+    if mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
@@ -302,15 +305,18 @@ def table(case_name: str, dirs) -> list:
                      **phases(ok)})
     print(f"\ncase {case_name}: {meta.get('describe', '')}")
     for h in headers: print(f"- {h}")
-    print(f"\n| solver | method | median wall (s) | runs (s) | time / our fastest | peak memory (MB) | Pearson vs {ref} | "
-          "Pearson vs ours, same solver | peer / ours scale | solve (s) | rest (s) | HVPs | ms per HVP per 1k examples |")
+    print(f"\n| solver | method | median wall (s) | runs (s) | time / our fastest | peak memory (MB) "
+          f"| Pearson vs {ref} | Pearson vs ours, same solver | peer / ours scale | solve (s) | rest (s) | HVPs "
+          "| ms per HVP per 1k examples |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"exact": 0, "cg": 1, "lissa": 2}
     for r in sorted(rows, key=lambda r: (order.get(SOLVER_OF.get(r["method"]), 9), not r["method"].startswith("ours"))):
         if "error" in r:
-            print(f"| {SOLVER_OF.get(r['method'], '?')} | {r['method']} | failed: {r['error'][:90]} | | | | | | | | | | |")
+            print(f"| {SOLVER_OF.get(r['method'], '?')} | {r['method']} | failed: {r['error'][:90]} "
+                  "| | | | | | | | | | |")
             continue
-        mine = [x for x in rows if x["method"].startswith("ours") and x.get("solver") == r["solver"] and "error" not in x]
+        mine = [x for x in rows
+                if x["method"].startswith("ours") and x.get("solver") == r["solver"] and "error" not in x]
         ours = min(mine, key=lambda x: x["wall"]) if mine else None          # our fastest for this solver
         ratio = f"{r['wall'] / ours['wall']:.2f}x" if ours and r is not ours else ""
         print(f"| {r['solver']} | {r['method']} | {fmt_s(r['wall'])} | {', '.join(fmt_s(w) for w in r['walls'])} | "

@@ -147,7 +147,8 @@ def main():
         print(f"  {name}: block CG {bi} iterations, {bh + cost} HVPs; CG per test point {si} iterations (slowest), "
               f"{None if sh is None else sh + cost} HVPs  [{time.perf_counter() - t0:.1f} s]", flush=True)
     base = rows[0]
-    print("\n| preconditioner | block CG iterations | block CG HVPs | vs none | CG iterations (slowest) | CG HVPs | vs none |")
+    print("\n| preconditioner | block CG iterations | block CG HVPs | vs none | CG iterations (slowest) | CG HVPs "
+          "| vs none |")
     print("|---|---|---|---|---|---|---|")
     for name, bi, bh, si, sh in rows:
         print(f"| {name} | {bi} | {bh} | {bh / base[2]:.2f}x | {si if si is not None else ''} | "
