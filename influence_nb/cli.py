@@ -6,7 +6,7 @@
 __all__ = ['COMMANDS', 'register_command', 'count', 'parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #cc14c87f
-import argparse, platform, sys
+import argparse, platform
 from typing import Callable
 
 COMMANDS: dict = {}
@@ -23,7 +23,8 @@ def _info(args) -> int:
     print(f"influence_nb {__version__}, Python {platform.python_version()}, torch {torch.__version__}, "
           f"numpy {numpy.__version__}, scipy {scipy.__version__}")
     cuda = torch.cuda.is_available()
-    print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}, torch threads: {torch.get_num_threads()}")
+    print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}, torch threads: "
+          f"{torch.get_num_threads()}")
     return 0
 
 register_command("info", "print versions and the compute device", lambda p: None, _info)
@@ -45,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
     for name, st in load_studies().items():
         COMMANDS.setdefault(name, (st.help, partial(add_study_args, st), partial(study_main, st)))
     missing = "; ".join(f"{m} {why}" for m, why in UNAVAILABLE.items())
-    p = argparse.ArgumentParser(prog="influence_nb", description="Influence functions in deep learning: studies and tools.",
+    p = argparse.ArgumentParser(prog="influence_nb",
+                                description="Influence functions in deep learning: studies and tools.",
                                 epilog=f"not available here: {missing}" if missing else None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_args, _) in COMMANDS.items():

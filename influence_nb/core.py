@@ -8,15 +8,15 @@ __all__ = ['ON_FAIL', 'InfluenceError', 'HessianNotPositiveDefinite', 'Influence
            'Flat', 'PerExampleLoss', 'per_example_loss', 'plain_rows', 'Curvature', 'as_curvature', 'HVPRows']
 
 # %% ../nbs/00_influence.ipynb #af2f566b
-import copy, functools, inspect, math, time, warnings
+import copy, functools, math, time, warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
 from torch.utils.data import (DataLoader, Dataset, TensorDataset, IterableDataset, SequentialSampler, BatchSampler)
 from torch.utils._pytree import tree_flatten
 
@@ -81,8 +81,8 @@ def report_convergence(info: SolveInfo, # the finished solve; its `converged` is
     "Set `info.converged` (residual <= tol) and warn or raise as `on_fail` says when it is False."
     info.converged = bool(info.residual <= tol)
     if not info.converged and on_fail != "ignore":
-        msg = (f"{info.solver}: not converged: relative residual ||(H+δI)x-v||/||v|| = {info.residual:.2e} > tol={tol:g} "
-               f"(damping δ={info.damping:g}){'; ' + hint if hint else ''}. The scores carry this error; "
+        msg = (f"{info.solver}: not converged: relative residual ||(H+δI)x-v||/||v|| = {info.residual:.2e} > "
+               f"tol={tol:g} (damping δ={info.damping:g}){'; ' + hint if hint else ''}. The scores carry this error; "
                "on_fail='raise' stops instead, on_fail='ignore' silences this warning.")
         if on_fail == "raise": raise NotConvergedError(msg)
         warnings.warn(msg, NotConvergedWarning, stacklevel=3)
@@ -111,37 +111,40 @@ def _grad_on(fn: Callable) -> Callable:
 def _check_loader(loader: DataLoader, name: str):
     "Refuse a DataLoader whose batches would not visit its dataset once, in order."
     if isinstance(loader.dataset, IterableDataset):
-        raise InfluenceError(f"{name}: the DataLoader wraps an IterableDataset, which has no positions to index scores by "
-                             "(and may never end); pass a map-style Dataset (with __len__ and __getitem__)")
+        raise InfluenceError(f"{name}: the DataLoader wraps an IterableDataset, which has no positions to index scores "
+                             "by (and may never end); pass a map-style Dataset (with __len__ and __getitem__)")
     if loader.batch_sampler is None:
-        raise InfluenceError(f"{name}: the DataLoader has batch_size=None and yields single unbatched examples; pass one "
-                             "with a batch size, e.g. DataLoader(dataset, batch_size=256)")
+        raise InfluenceError(f"{name}: the DataLoader has batch_size=None and yields single unbatched examples; pass "
+                             "one with a batch size, e.g. DataLoader(dataset, batch_size=256)")
     if type(loader.batch_sampler) is not BatchSampler:
-        raise InfluenceError(f"{name}: the DataLoader has a custom batch_sampler ({type(loader.batch_sampler).__name__}), "
-                             "which may reorder or repeat examples; influence scores are indexed by position, so pass "
-                             "DataLoader(dataset, batch_size=..., shuffle=False)")
+        raise InfluenceError(f"{name}: the DataLoader has a custom batch_sampler "
+                             f"({type(loader.batch_sampler).__name__}), which may reorder or repeat examples; "
+                             "influence scores are indexed by position, so pass DataLoader(dataset, batch_size=..., "
+                             "shuffle=False)")
     if type(loader.sampler) is not SequentialSampler:
         what = "shuffles (shuffle=True)" if isinstance(loader.sampler, torch.utils.data.RandomSampler) else \
                f"draws examples with a {type(loader.sampler).__name__}"
         raise InfluenceError(f"{name}: the DataLoader {what}; influence scores are indexed by position, so pass a "
-                             "DataLoader with shuffle=False and no sampler (to score a subset, pass torch.utils.data.Subset)")
+                             "DataLoader with shuffle=False and no sampler (to score a subset, pass "
+                             "torch.utils.data.Subset)")
     if loader.drop_last and len(loader.dataset) % loader.batch_size:
         raise InfluenceError(f"{name}: the DataLoader has drop_last=True and would drop the last "
-                             f"{len(loader.dataset) % loader.batch_size} of {len(loader.dataset)} examples; pass drop_last=False")
+                             f"{len(loader.dataset) % loader.batch_size} of {len(loader.dataset)} examples; pass "
+                             "drop_last=False")
 
 
 def as_loader(data, # an (X, y) pair of tensors or arrays, a map-style Dataset, or an in-order DataLoader
               batch_size: int = 256, # examples per batch when `data` is not already a DataLoader
               name: str = "data", # what to call `data` in error messages
              ) -> DataLoader:
-    "A DataLoader that visits every example of `data` once, in order; refuses anything that would reorder, drop or never end."
+    "A DataLoader visiting every example of `data` once, in order; refuses one that would reorder, drop or never end."
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise InfluenceError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(data, DataLoader):
         _check_loader(data, name); loader = data
     elif isinstance(data, IterableDataset):
-        raise InfluenceError(f"{name}: an IterableDataset has no positions to index scores by (and may never end); pass a "
-                             "map-style Dataset (with __len__ and __getitem__)")
+        raise InfluenceError(f"{name}: an IterableDataset has no positions to index scores by (and may never end); "
+                             "pass a map-style Dataset (with __len__ and __getitem__)")
     elif isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise InfluenceError(f"{name}: the Dataset has no __len__; influence needs to know the number of examples")
@@ -149,8 +152,8 @@ def as_loader(data, # an (X, y) pair of tensors or arrays, a map-style Dataset, 
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, (Tensor, np.ndarray)) for t in data):
         X, y = (torch.as_tensor(t) for t in data)
         if X.dim() == 0 or y.dim() == 0:
-            raise InfluenceError(f"{name}: X has shape {tuple(X.shape)} and y {tuple(y.shape)}: a single example needs a batch "
-                                 "dimension, e.g. (X[None], y[None]) or (X[i:i+1], y[i:i+1])")
+            raise InfluenceError(f"{name}: X has shape {tuple(X.shape)} and y {tuple(y.shape)}: a single example needs "
+                                 "a batch dimension, e.g. (X[None], y[None]) or (X[i:i+1], y[i:i+1])")
         if X.shape[0] != y.shape[0]:
             raise InfluenceError(f"{name}: X and y disagree on the number of examples: X has {X.shape[0]} "
                                  f"(shape {tuple(X.shape)}), y has {y.shape[0]} (shape {tuple(y.shape)})")
@@ -164,16 +167,17 @@ def as_loader(data, # an (X, y) pair of tensors or arrays, a map-style Dataset, 
 
 # %% ../nbs/00_influence.ipynb #ac2806d0
 def select_params(model: nn.Module, # the trained model
-                  params=None, # None (all trainable), or names, submodules or parameter tensors of `model` (one or several)
+                  params=None, # None (all trainable), or names, submodules or parameter tensors of `model`
                  ) -> dict:
-    "The named parameters that influence is taken with respect to: all trainable ones, or those named/given in `params`."
+    "The named parameters influence is taken with respect to: all trainable ones, or those named/given in `params`."
     named = dict(model.named_parameters())
     if params is None:
         sel = {k: p for k, p in named.items() if p.requires_grad}
-        if not named: raise InfluenceError("params: the model has no parameters (are its layers registered as submodules?)")
+        if not named: raise InfluenceError("params: the model has no parameters (are its layers registered as "
+                                           "submodules?)")
         if not sel:
-            raise InfluenceError("params: every parameter of the model has requires_grad=False; pass params=... to choose "
-                                 "the parameters influence is taken with respect to")
+            raise InfluenceError("params: every parameter of the model has requires_grad=False; pass params=... to "
+                                 "choose the parameters influence is taken with respect to")
         return sel
     if isinstance(params, (str, Tensor, nn.Module)): params = [params]
     by_id = {id(p): k for k, p in named.items()}
@@ -228,18 +232,19 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 
 class PerExampleLoss:
-    "A loss function as per-example losses: (outputs (B, ...), targets (B, ...)) -> (B,); `check` validates it on a batch."
+    "A loss as per-example losses: (outputs (B, ...), targets (B, ...)) -> (B,); `check` validates it on a batch."
     def __init__(self, loss_fn: Callable):
         if isinstance(loss_fn, PerExampleLoss): loss_fn = loss_fn.loss_fn
         if isinstance(loss_fn, type):
             raise InfluenceTypeError(f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, e.g. "
                                      f"{loss_fn.__name__}()")
         if not callable(loss_fn):
-            raise InfluenceTypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+            raise InfluenceTypeError("loss_fn must be callable as loss_fn(outputs, targets), got "
+                                     f"{type(loss_fn).__name__}")
         self.loss_fn, self.elementwise, self.summed = loss_fn, None, False
         # a function's ignored target: its own `ignore_index` attribute, or the default of torch's functional losses
         self.ignore_index = getattr(loss_fn, "ignore_index", -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None)
-        # do integer targets index the outputs' classes (so that a label outside them can be named before the loss fails)?
+        # check that integer targets index the outputs' classes: a label outside them is named before the loss fails
         self.class_indices = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss, nn.MultiMarginLoss)) or \
             getattr(loss_fn, "class_indices", loss_fn in (F.cross_entropy, F.nll_loss, F.multi_margin_loss))
         self.reduces = None        # a plain function: does it return a scalar? (None: not seen yet)
@@ -248,17 +253,17 @@ class PerExampleLoss:
             name = type(loss_fn).__name__
             if red == "sum":
                 raise InfluenceError(
-                    f"loss_fn is {name}(reduction='sum'): influence_nb's training objective is the MEAN loss + (λ/2)‖θ‖². "
-                    f"Pass {name}() (reduction='mean'); for a model trained on the summed loss with weight decay λ, "
-                    "the same minimiser is the mean loss with weight_decay=λ/n")
+                    f"loss_fn is {name}(reduction='sum'): influence_nb's training objective is the MEAN loss + "
+                    f"(λ/2)‖θ‖². Pass {name}() (reduction='mean'); for a model trained on the summed loss with weight "
+                    "decay λ, the same minimiser is the mean loss with weight_decay=λ/n")
             if red not in ("mean", "none", "batchmean"):
                 raise InfluenceError(f"loss_fn: {name} has reduction={red!r}; pass reduction='mean' or 'none'")
             if red == "mean" and isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and loss_fn.weight is not None:
                 raise InfluenceError(
-                    f"loss_fn is {name}(weight=..., reduction='mean'): a class-weighted mean divides by the batch's total "
-                    "weight, so an example's loss depends on its batch and is not a mean over examples. Pass "
-                    f"{name}(weight=w * n / W, reduction='none'), where W = Σ_j w[y_j] over the n training examples: the "
-                    "mean of those per-example losses is the weighted mean the model was trained on (full batch)")
+                    f"loss_fn is {name}(weight=..., reduction='mean'): a class-weighted mean divides by the batch's "
+                    "total weight, so an example's loss depends on its batch and is not a mean over examples. Pass "
+                    f"{name}(weight=w * n / W, reduction='none'), where W = Σ_j w[y_j] over the n training examples: "
+                    "the mean of those per-example losses is the weighted mean the model was trained on (full batch)")
             self.elementwise = copy.copy(loss_fn); self.elementwise.reduction = "none"
             self.summed = red == "batchmean"      # KLDivLoss: sum over each example's elements
             self.pointwise = isinstance(loss_fn, _POINTWISE)
@@ -270,9 +275,10 @@ class PerExampleLoss:
         shapes = {(B,), tuple(getattr(out, "shape", ())), tuple(y.shape)}
         if L.dim() == 0 or L.shape[0] != B or (L.dim() > 1 and tuple(L.shape) not in shapes):
             raise InfluenceError(
-                f"loss_fn returned losses of shape {tuple(L.shape)} for outputs of shape {tuple(getattr(out, 'shape', ()))} "
-                f"and targets of shape {tuple(y.shape)}: the targets broadcast against the outputs. Reshape the targets "
-                "to the outputs' shape (e.g. y.view(-1, 1) or y.float() for a one-output model) or squeeze the outputs")
+                f"loss_fn returned losses of shape {tuple(L.shape)} for outputs of shape "
+                f"{tuple(getattr(out, 'shape', ()))} and targets of shape {tuple(y.shape)}: the targets broadcast "
+                "against the outputs. Reshape the targets to the outputs' shape (e.g. y.view(-1, 1) or y.float() for a "
+                "one-output model) or squeeze the outputs")
         if L.dim() == 1: return L
         return L.flatten(1).sum(1) if self.summed else L.flatten(1).mean(1)
 
@@ -281,9 +287,9 @@ class PerExampleLoss:
         if self.elementwise is not None:
             if self.pointwise and isinstance(out, Tensor) and out.shape != y.shape:
                 raise InfluenceError(
-                    f"loss_fn {type(self.loss_fn).__name__} compares outputs and targets element by element, but the outputs "
-                    f"have shape {tuple(out.shape)} and the targets {tuple(y.shape)}, which broadcast into a wrong loss; "
-                    "reshape the targets to the outputs' shape (e.g. y.view(-1, 1)) or squeeze the outputs")
+                    f"loss_fn {type(self.loss_fn).__name__} compares outputs and targets element by element, but the "
+                    f"outputs have shape {tuple(out.shape)} and the targets {tuple(y.shape)}, which broadcast into a "
+                    "wrong loss; reshape the targets to the outputs' shape (e.g. y.view(-1, 1)) or squeeze the outputs")
             return self._rows(self.elementwise(out, y), out, y)
         if self.reduces is not True:
             L = self.loss_fn(out, y)
@@ -297,7 +303,7 @@ class PerExampleLoss:
         return vmap(one)(out, y)
 
     def check(self, out, y: Tensor):
-        "Validate on a real batch (outside any torch.func transform): shapes, and that a scalar loss is the mean over examples."
+        "Validate on a real batch (outside any torch.func transform): shapes, and that a scalar loss is the mean."
         per = self(out, y)
         if self.elementwise is None and self.reduces is None:
             L, per0 = self.loss_fn(out, y).detach(), per.detach()
@@ -305,13 +311,15 @@ class PerExampleLoss:
             if self.reduces and y.shape[0] >= 2 and not _close(L, per0.mean()):
                 if _close(L, per0.sum()):
                     raise InfluenceError(
-                        "loss_fn sums over the batch (its value on a batch is the sum of its values on single examples); "
-                        "influence_nb's objective is the MEAN loss + (λ/2)‖θ‖²: return the mean (or per-example losses, "
-                        "shape (B,)), and for a model trained on the sum with weight decay λ pass weight_decay=λ/n")
+                        "loss_fn sums over the batch (its value on a batch is the sum of its values on single "
+                        "examples); influence_nb's objective is the MEAN loss + (λ/2)‖θ‖²: return the mean (or "
+                        "per-example losses, shape (B,)), and for a model trained on the sum with weight decay λ pass "
+                        "weight_decay=λ/n")
                 raise InfluenceError(
-                    f"loss_fn's value on a batch ({float(L):.6g}) is not the mean of its values on the batch's single examples "
-                    f"({float(per0.mean()):.6g}): it weights or ignores examples (class weights? ignore_index?). Pass a "
-                    "loss that returns per-example losses, shape (B,), e.g. with reduction='none'")
+                    f"loss_fn's value on a batch ({float(L):.6g}) is not the mean of its values on the batch's single "
+                    f"examples ({float(per0.mean()):.6g}): it weights or ignores examples (class weights? "
+                    "ignore_index?). Pass a loss that returns per-example losses, shape (B,), e.g. with "
+                    "reduction='none'")
         return per
 
     def check_targets(self, y: Tensor, start: int, name: str):
@@ -319,9 +327,9 @@ class PerExampleLoss:
         if self.ignore_index is not None and not y.is_floating_point() and (hit := (y == self.ignore_index)).any():
             j = start + int(hit.reshape(len(y), -1).any(1).nonzero()[0])
             raise InfluenceError(
-                f"{name}: example {j} has target {self.ignore_index}, the loss's ignore_index: an ignored example has no "
-                "loss, and the mean would divide by a count that changes between batches. Drop the examples with ignored "
-                "targets from the data (e.g. torch.utils.data.Subset) before computing influence")
+                f"{name}: example {j} has target {self.ignore_index}, the loss's ignore_index: an ignored example has "
+                "no loss, and the mean would divide by a count that changes between batches. Drop the examples with "
+                "ignored targets from the data (e.g. torch.utils.data.Subset) before computing influence")
 
     def __repr__(self): return f"PerExampleLoss({self.loss_fn!r})"
 
@@ -349,7 +357,8 @@ class _Engine:
         self.model, self.loss_fn, self.batch_size, self.hvp_chunk = model, loss_fn, batch_size, hvp_chunk
         if hvp_mode not in ("auto", "vmap", "loop"):
             raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {hvp_mode!r}")
-        self.hvp_mode = hvp_mode   # several HVPs on one batch: vmapped, or looped over the batch's graph ('auto': timed per batch size)
+        # several HVPs on one batch: vmapped, or looped over the batch's graph ('auto': timed per batch size)
+        self.hvp_mode = hvp_mode
         self.weight_decay, self._damping = float(weight_decay), float(damping)
         self.train = as_loader(train, batch_size, "train")
         # the data H is taken over: the training set, or a subset of it (hessian_data) when a full pass is too dear
@@ -361,18 +370,20 @@ class _Engine:
             raise InfluenceError(f"dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
         if self.dtype in (torch.float16, torch.bfloat16):
             raise InfluenceError(
-                f"the computation would run in {self.dtype}: with a machine epsilon of {torch.finfo(self.dtype).eps:.1e}, "
-                "second derivatives cannot tell a small eigenvalue from zero. Pass dtype=torch.float32 (or torch.float64): the "
-                "parameters are cast for the computation, the model itself is not changed")
+                f"the computation would run in {self.dtype}: with a machine epsilon of "
+                f"{torch.finfo(self.dtype).eps:.1e}, second derivatives cannot tell a small eigenvalue from zero. Pass "
+                "dtype=torch.float32 (or torch.float64): the parameters are cast for the computation, the model itself "
+                "is not changed")
         for k, t in [*model.named_parameters(), *model.named_buffers()]:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise NonFiniteError(f"the model's {k} holds NaN or Inf values: influence needs a finite model")
         for k, mod in model.named_modules():
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None:
                 raise InfluenceError(
-                    f"the model's {k} ({type(mod).__name__}) has track_running_stats=False, so even in eval mode it normalises "
-                    "each example by the statistics of its batch: an example has no loss of its own. Use running statistics "
-                    "(track_running_stats=True, trained) or a per-example normalisation (GroupNorm, LayerNorm)")
+                    f"the model's {k} ({type(mod).__name__}) has track_running_stats=False, so even in eval mode it "
+                    "normalises each example by the statistics of its batch: an example has no loss of its own. Use "
+                    "running statistics (track_running_stats=True, trained) or a per-example normalisation (GroupNorm, "
+                    "LayerNorm)")
         self.flat = Flat(sel)
         cast = lambda t: t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
         self.theta = self.flat.flatten({k: cast(v) for k, v in sel.items()})
@@ -416,10 +427,12 @@ class _Engine:
         for batch in loader:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
                 raise InfluenceError(f"{name}: each batch must be an (inputs, targets) pair of tensors, got "
-                                     f"{type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                                     f"{type(batch).__name__}"
+                                     + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
                                      + "; wrap the dataset so that it returns (x, y)")
             x, y = (t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in batch)
-            x, y = (t.clone() if t.is_inference() else t for t in (x, y))    # made under inference_mode: usable by autograd
+            # made under inference_mode: usable by autograd
+            x, y = (t.clone() if t.is_inference() else t for t in (x, y))
             if x.shape[0] != y.shape[0]:
                 raise InfluenceError(f"{name}: a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
             for what, t in (("input", x), ("target", y)):
@@ -438,7 +451,7 @@ class _Engine:
 
     @_grad_on
     def _check(self, x, y, name):
-        "Validate model and loss on a first batch: they run, deterministically, per example under vmap, finitely, through θ."
+        "Validate model and loss on a first batch: they run, deterministically, per example under vmap, finitely."
         theta = self.theta.detach().requires_grad_(True)
         try:
             out = self.forward(theta, x)
@@ -446,8 +459,10 @@ class _Engine:
             raise InfluenceError(f"{name}: the model failed on a batch of inputs of shape {tuple(x.shape)} "
                                  f"({x.dtype}): {type(e).__name__}: {e}") from e
         with torch.no_grad(): again = self.forward(self.theta, x)
-        same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point() else torch.equal(a, b)
-        if not all(same(a.detach(), b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0]) if isinstance(a, Tensor)):
+        same = lambda a, b: (bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point()
+                             else torch.equal(a, b))
+        if not all(same(a.detach(), b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0])
+                   if isinstance(a, Tensor)):
             raise InfluenceError(
                 "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
                 "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
@@ -474,9 +489,9 @@ class _Engine:
         except Exception as e:
             raise InfluenceError(
                 "the model and loss_fn must run under torch.func.vmap, which evaluates them one example at a time, and "
-                f"they do not: {type(e).__name__}: {str(e).splitlines()[0]}. Common causes: .item() or Python control flow "
-                "on tensor values, F.one_hot on the targets (one-hot encode them in the data instead), in-place writes "
-                "into inputs") from e
+                f"they do not: {type(e).__name__}: {str(e).splitlines()[0]}. Common causes: .item() or Python control "
+                "flow on tensor values, F.one_hot on the targets (one-hot encode them in the data instead), in-place "
+                "writes into inputs") from e
 
     def _check_classes(self, y: Tensor, start: int, name: str):
         "Refuse class-index targets outside [0, number of outputs), naming the first such example."
@@ -485,8 +500,8 @@ class _Engine:
         bad = ((y < 0) | (y >= C)).reshape(len(y), -1).any(1)
         if bad.any():
             j = int(bad.nonzero()[0])
-            raise InfluenceError(f"{name}: example {start + j} has target {y[j].tolist()}, outside the model's {C} classes "
-                                 f"[0, {C}): fix the labels or the model's number of outputs")
+            raise InfluenceError(f"{name}: example {start + j} has target {y[j].tolist()}, outside the model's {C} "
+                                 f"classes [0, {C}): fix the labels or the model's number of outputs")
 
     @_grad_on
     def losses(self, data, name="data") -> Tensor:
@@ -567,7 +582,8 @@ class Curvature:
 
     def batches(self):
         "The curvature data as validated (x, y) batches, cast like the engine's."
-        return self._engine.batches(self._data, "train" if self._data is getattr(self._engine, "train", None) else "hessian_data")
+        kind = "train" if self._data is getattr(self._engine, "train", None) else "hessian_data"
+        return self._engine.batches(self._data, kind)
 
     def _vectors(self, V: Tensor) -> tuple[Tensor, bool]:
         "V as a (k, p) matrix on the operator's device and dtype, and whether it was a single vector."
@@ -603,7 +619,7 @@ class Curvature:
 
     @_grad_on
     def hessian(self, chunk: int = 256) -> Tensor:
-        "The dense (p, p) Hessian H of the objective (weight decay included), by HVPs against the identity: small p only."
+        "The dense (p, p) Hessian H of the objective (weight decay included), by HVPs against the identity: small p."
         if "H" not in self._dense:
             eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
             self._dense["H"] = torch.cat([self.hvp(eye[i:i + chunk]) for i in range(0, self.size, chunk)])
@@ -639,7 +655,7 @@ def as_curvature(obj) -> Curvature:
 
 # %% ../nbs/00_influence.ipynb #ce8e1f34
 class HVPRows:
-    "Rows H_B v of one batch's mean-loss Hessian (no weight decay), by reverse-over-reverse; vmap or loop chosen per batch size."
+    "Rows H_B v of one batch's mean-loss Hessian (no weight decay), by reverse-over-reverse, vmapped or looped."
     def __init__(self, engine: "_Engine", # the model, loss and flat parameters
                  mode: str = "auto", # 'vmap', 'loop', or 'auto' (timed per batch size)
                  chunk: int | None = 64, # most rows vmapped at once
@@ -647,7 +663,8 @@ class HVPRows:
         if mode not in ("auto", "vmap", "loop"):
             raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
         self.engine, self.mode, self.chunk = engine, mode, chunk
-        self.chosen, self.trials, self.piece = {}, {}, {}      # per batch size: the way kept, its timings, rows per piece
+        # per batch size: the way kept, its timings, rows per piece
+        self.chosen, self.trials, self.piece = {}, {}, {}
 
     def __call__(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
         "H_B v for the rows v of V (k, p) on the batch (x, y): the batch's graph built once, one backward per row."
@@ -685,7 +702,7 @@ class HVPRows:
         return torch.cat(out).detach()
 
     def piece_rows(self, x: Tensor, y: Tensor) -> int:
-        "Rows per vmapped piece of 'auto' on a batch of this size: about 64 MB of the batch's saved activations (2 to chunk)."
+        "Rows per vmapped piece of 'auto' on a batch of this size: about 64 MB of its saved activations (2 to chunk)."
         B = x.shape[0]
         if B not in self.piece:
             saved = [0]

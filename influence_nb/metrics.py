@@ -4,7 +4,6 @@
 
 # %% ../nbs/02_metrics.ipynb #03ffa772
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 import numpy as np
 from scipy import stats
@@ -31,7 +30,8 @@ class Correlation:
     n: int            # number of pairs
     ci: float         # confidence level of [low, high]
     n_valid: int      # bootstrap resamples with a defined correlation
-    def __str__(self): return f"{self.method} {self.r:+.3f} [{self.low:+.3f}, {self.high:+.3f}] ({self.ci:.0%} CI, n={self.n})"
+    def __str__(self):
+        return f"{self.method} {self.r:+.3f} [{self.low:+.3f}, {self.high:+.3f}] ({self.ci:.0%} CI, n={self.n})"
 
 # %% ../nbs/02_metrics.ipynb #ffa90490
 def _rowwise_pearson(a:np.ndarray, b:np.ndarray) -> np.ndarray:
@@ -51,7 +51,8 @@ def correlation(pred, truth, # estimates and retrained truths, same length
     x, y = _vec(pred), _vec(truth)
     if len(x) != len(y): raise ValueError(f"pred and truth differ in length: {len(x)} vs {len(y)}")
     if len(x) < 3: raise ValueError("need at least 3 pairs for a correlation")
-    if method not in ('pearson', 'spearman'): raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
+    if method not in ('pearson', 'spearman'):
+        raise ValueError(f"method must be 'pearson' or 'spearman', got {method!r}")
     if np.ptp(x) == 0 or np.ptp(y) == 0:   # a constant side (e.g. a collapsed network): undefined, say so quietly
         return Correlation(method, float('nan'), float('nan'), float('nan'), float('nan'), len(x), ci, 0)
     res = (stats.pearsonr if method == 'pearson' else stats.spearmanr)(x, y)

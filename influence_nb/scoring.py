@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import jvp, vmap
 
 from .core import *
 from .core import _EvalMode, _Engine, _finite_rows, _grad_on
@@ -94,7 +94,8 @@ class ConvRule(LayerRule):
         B, cin, cout = a.shape[0], a.shape[1], m.out_channels
         r = self._fn(m)(a.transpose(0, 1), g.reshape(B * cout, 1, *g.shape[2:]), None, m.dilation, pad, m.stride, B)
         r = r[(..., *[slice(0, s) for s in m.kernel_size])]     # the window can overhang: keep the kernel
-        out = {"weight": r.reshape(cin, B, cout, *m.kernel_size).transpose(0, 1).transpose(1, 2)}   # (B, C_out, C_in, kernel)
+        # (B, C_out, C_in, kernel)
+        out = {"weight": r.reshape(cin, B, cout, *m.kernel_size).transpose(0, 1).transpose(1, 2)}
         if m.bias is not None: out["bias"] = g.flatten(2).sum(-1)
         return out
 
@@ -117,7 +118,7 @@ def layer_plan(eng) -> dict | None:
 
 
 def layer_scores(eng, plan: dict, S: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    "Per-example sᵀ∇ℓ_j (B, k) for the rows s of S, from one backward pass: Σ over layer calls of the layer rule's scores."
+    "Per-example sᵀ∇ℓ_j (B, k) for the rows s of S, from one backward pass: Σ over layer calls of the rule's scores."
     k, B = S.shape[0], x.shape[0]
     parts = eng.flat.unflatten(S)                # name -> (k, *shape)
     calls = []                                   # (module, input a, output z) for every call of a planned layer
@@ -165,8 +166,8 @@ class Influence(_Engine):
 
     @damping.setter
     def damping(self, value):
-        raise AttributeError(f"an Influence's damping is fixed when it is built: use inf.with_damping({value!r}), which "
-                             "returns a new Influence sharing the model, the data and the dense H")
+        raise AttributeError(f"an Influence's damping is fixed when it is built: use inf.with_damping({value!r}), "
+                             "which returns a new Influence sharing the model, the data and the dense H")
 
     def with_damping(self, damping: float) -> "Influence":
         "The same Influence with another damping δ (shares the engine, the solver and the curvature's dense H)."
@@ -210,7 +211,7 @@ class Influence(_Engine):
                method: str = "auto", # the scoring pass: 'layer', 'grad', 'jvp', or 'auto' (chosen as described above)
                return_info: bool = False, # also return the SolveInfo of the solve
               ):
-        "Predicted change of each test loss when each training example is removed: (n_test, n_train) = ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j / n."
+        "Predicted change of each test loss on removing each training example, (n_test, n_train): ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j/n."
         if method not in ("auto", "grad", "jvp", "layer"):
             raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
         S, info = self.solve(self.grad_matrix(test, "test"))
@@ -218,11 +219,11 @@ class Influence(_Engine):
         if method == "auto": method = "jvp" if S.shape[0] <= 2 else ("layer" if plan is not None else "grad")
         if method == "layer":
             if plan is None:
-                raise InfluenceError("method='layer' needs every parameter in an nn.Linear or nn.Conv1d/2d/3d (groups=1, "
-                                     "zero padding); use method='grad' or 'jvp'")
+                raise InfluenceError("method='layer' needs every parameter in an nn.Linear or nn.Conv1d/2d/3d "
+                                     "(groups=1, zero padding); use method='grad' or 'jvp'")
             with _EvalMode(self.model):
-                rows = self._stack_rows((layer_scores(self, plan, S, x, y) for x, y in self.batches(self.train, "train")),
-                                        S.shape[0])
+                batches = self.batches(self.train, "train")
+                rows = self._stack_rows((layer_scores(self, plan, S, x, y) for x, y in batches), S.shape[0])
         elif method == "grad":
             rows = self._stack_rows((G @ S.T for G in self.grads(self.train, "train")), S.shape[0])
         elif method == "jvp":
@@ -268,7 +269,7 @@ class Influence(_Engine):
 
 # %% ../nbs/00c_scoring.ipynb #5beb2259
 def influence_scores(model: nn.Module, # the trained model, at θ*
-                     loss_fn: Callable, # a torch loss or a function of (outputs, targets): see the contract (notebook 00)
+                     loss_fn: Callable, # a torch loss or a function of (outputs, targets): see the contract (nb 00)
                      train, # the training set: (X, y), a map-style Dataset or an in-order DataLoader
                      test, # the test points, in any of the same forms
                      *, weight_decay: float = 0., # λ of training's (λ/2)‖θ‖²: part of H

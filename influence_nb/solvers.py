@@ -18,7 +18,7 @@ from .core import *
 SOLVERS: dict = {}
 
 class IndefiniteHessianWarning(UserWarning):
-    "H + δI has negative eigenvalues: the solve applies, but directions of negative curvature make the scores unreliable."
+    "H + δI has negative eigenvalues: the solve applies, but directions of negative curvature make scores unreliable."
 
 def register_solver(cls):
     "Class decorator: make an inverse-HVP solver available by its `name` in `solver=`."
@@ -27,7 +27,7 @@ def register_solver(cls):
 
 
 class IHVPSolver:
-    "Base of the inverse-HVP solvers: `solve(op, V)` returns X with A X = V row by row for the operator A = H + δI, and a SolveInfo."
+    "Base of the inverse-HVP solvers: `solve(op, V)` returns X with A X = V row by row (A = H + δI), and a SolveInfo."
     name = "base"
     def solve(self, op: Curvature, V: Tensor) -> tuple[Tensor, SolveInfo]: raise NotImplementedError
 
@@ -42,7 +42,8 @@ def make_solver(solver="exact", **options) -> IHVPSolver:
     cls = SOLVERS[solver]
     known = [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
     if unknown := sorted(set(options) - set(known)):
-        raise InfluenceError(f"solver {solver!r} has no option {', '.join(map(repr, unknown))}; its options are {known}")
+        raise InfluenceError(f"solver {solver!r} has no option {', '.join(map(repr, unknown))}; "
+                             f"its options are {known}")
     return cls(**options)
 
 # %% ../nbs/00b_solvers.ipynb #f6220a0d
@@ -53,7 +54,7 @@ def relative_residual(A: Tensor, X: Tensor, V: Tensor) -> float:
 # %% ../nbs/00b_solvers.ipynb #868b5eab
 @register_solver
 class ExactSolver(IHVPSolver):
-    "Forms H (small p), eigen-decomposes H + δI once, and solves exactly; refuses a singular or, undamped, indefinite H."
+    "Forms H (small p), eigen-decomposes H + δI once, and solves exactly; refuses a singular or undamped indefinite H."
     name = "exact"
     def __init__(self, dtype: torch.dtype | None = torch.float64):
         self.dtype = dtype   # precision of the eigendecomposition (float64 by default)
@@ -63,7 +64,8 @@ class ExactSolver(IHVPSolver):
         op = as_curvature(op)
         def make():
             H = op.hessian()
-            A = H.to(self.dtype or H.dtype) + op.damping * torch.eye(len(H), dtype=self.dtype or H.dtype, device=H.device)
+            dt = self.dtype or H.dtype
+            A = H.to(dt) + op.damping * torch.eye(len(H), dtype=dt, device=H.device)
             evals, evecs = torch.linalg.eigh(A)
             lo, hi = float(evals[0]), float(evals[-1])
             tol = len(H) * torch.finfo(op.dtype).eps * max(abs(hi), abs(lo), 1e-30)
@@ -79,7 +81,8 @@ class ExactSolver(IHVPSolver):
                                                  f"{float(evals[evals.abs().argmin()]):.3e}; increase the damping")
             if lo < 0:
                 warnings.warn(f"H + δI is indefinite (smallest eigenvalue {lo:.3e} with δ={op.damping:g}); the exact "
-                              "solve still applies, but the influence of directions of negative curvature is unreliable",
+                              "solve still applies, but the influence of directions of negative curvature is "
+                              "unreliable",
                               IndefiniteHessianWarning)
             return evals, evecs
         return op.memo(("eigh", op.damping, self.dtype), make)
