@@ -5,7 +5,7 @@
 # %% ../nbs/01_ground_truth.ipynb #e4189242
 from __future__ import annotations
 import copy, dis, functools, hashlib, inspect, json, math, numbers, os, sys, types
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import torch
@@ -33,9 +33,11 @@ def as_removed(removed, # training indices: a list, range, array or integer tens
     r = torch.as_tensor(removed)
     if r.numel() == 0: return torch.zeros(0, dtype=torch.long)
     if r.dtype == torch.bool:
-        raise InfluenceError("`removed` is a boolean mask; pass the indices to remove instead, e.g. mask.nonzero().flatten()")
+        raise InfluenceError("`removed` is a boolean mask; pass the indices to remove instead, e.g. "
+                             "mask.nonzero().flatten()")
     if r.is_floating_point() or r.is_complex():
-        raise InfluenceError(f"`removed` must hold integer indices, got dtype {r.dtype}; pass e.g. torch.tensor(idx, dtype=torch.long)")
+        raise InfluenceError(f"`removed` must hold integer indices, got dtype {r.dtype}; pass e.g. torch.tensor(idx, "
+                             "dtype=torch.long)")
     r = r.to(torch.long).reshape(-1).cpu()
     bad = r[(r < 0) | (r >= n)]
     if len(bad): raise RemovedIndexError(f"removed indices must lie in [0, {n}) (the training set has {n} examples); "
@@ -100,7 +102,8 @@ class RetrainConfig:
             ('lr', num(self.lr) and self.lr > 0, 'a finite number > 0'),
             ('weight_decay', num(self.weight_decay) and self.weight_decay >= 0, 'a finite number >= 0'),
             ('momentum', num(self.momentum) and 0 <= self.momentum < 1, 'a number in [0, 1)'),
-            ('batch_size', self.batch_size is None or (whole(self.batch_size) and self.batch_size >= 1), 'None or a whole number >= 1'),
+            ('batch_size', self.batch_size is None or (whole(self.batch_size) and self.batch_size >= 1),
+             'None or a whole number >= 1'),
             ('seed', whole(self.seed), 'a whole number')] if not ok]
         if bad: raise InfluenceError("RetrainConfig: " + "; ".join(bad))
 
@@ -110,7 +113,8 @@ _NONFINITE_FIX = ("lower cfg.lr, check X and y for NaN/Inf, or use a numerically
 
 def _device(model) -> torch.device:
     "The device of the model's parameters, refusing what is not a module with parameters."
-    if not isinstance(model, nn.Module): raise InfluenceTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(model, nn.Module): raise InfluenceTypeError("model must be an nn.Module, got "
+                                                                  f"{type(model).__name__}")
     p = next(model.parameters(), None)
     if p is None: raise InfluenceError("the model has no parameters to retrain")
     return p.device
@@ -121,17 +125,22 @@ def _check_data(X, y, X_test=None, y_test=None, dev=None) -> tuple:
     for nx, ny, a, b in sets:
         for nm, t in ((nx, a), (ny, b)):
             if not isinstance(t, Tensor):
-                raise InfluenceTypeError(f"{nm} must be a torch.Tensor, got {type(t).__name__}; convert it with torch.as_tensor")
-            if t.dim() == 0: raise InfluenceError(f"{nm} is a scalar: pass one row per example (the batch dimension first)")
-        if len(a) != len(b): raise InfluenceError(f"{nx} has {len(a)} rows but {ny} has {len(b)}: pass one target per example")
+                raise InfluenceTypeError(f"{nm} must be a torch.Tensor, got {type(t).__name__}; convert it with "
+                                         "torch.as_tensor")
+            if t.dim() == 0: raise InfluenceError(f"{nm} is a scalar: pass one row per example (the batch dimension "
+                                                  "first)")
+        if len(a) != len(b): raise InfluenceError(f"{nx} has {len(a)} rows but {ny} has {len(b)}: pass one target per "
+                                                  "example")
         if len(a) == 0: raise InfluenceError(f"{nx} is empty: pass at least one example")
     if X_test is not None:
         if X_test.shape[1:] != X.shape[1:]:
-            raise InfluenceError(f"X_test has examples of shape {tuple(X_test.shape[1:])} but X has {tuple(X.shape[1:])}: "
-                                 "pass test inputs with the training inputs' features (same shape after the first dim)")
+            raise InfluenceError(f"X_test has examples of shape {tuple(X_test.shape[1:])} but X has "
+                                 f"{tuple(X.shape[1:])}: pass test inputs with the training inputs' features (same "
+                                 "shape after the first dim)")
         if y_test.shape[1:] != y.shape[1:] or y_test.is_floating_point() != y.is_floating_point():
-            raise InfluenceError(f"y_test holds targets of shape {tuple(y_test.shape[1:])} ({y_test.dtype}) but y of shape "
-                                 f"{tuple(y.shape[1:])} ({y.dtype}): pass test targets of the training targets' kind")
+            raise InfluenceError(f"y_test holds targets of shape {tuple(y_test.shape[1:])} ({y_test.dtype}) but y of "
+                                 f"shape {tuple(y.shape[1:])} ({y.dtype}): pass test targets of the training targets' "
+                                 "kind")
     for nm, t in (('X', X), ('y', y), ('X_test', X_test), ('y_test', y_test)):
         if t is not None and (t.is_floating_point() or t.is_complex()):
             ok = torch.isfinite(t.reshape(len(t), -1)).all(1)
@@ -164,8 +173,9 @@ def _plain_cross_entropy(loss) -> bool:
 def _per_example_shape(L, B:int) -> Tensor:
     "Per-example losses (B,) or a clear error when `loss_fn` returned something else."
     if not isinstance(L, Tensor) or L.numel() != B:
-        raise InfluenceError(f"loss_fn returned {tuple(L.shape) if isinstance(L, Tensor) else type(L).__name__} for a batch of "
-                             f"{B} examples: it must return one loss per example, shape ({B},) (e.g. reduction='none')")
+        raise InfluenceError(f"loss_fn returned {tuple(L.shape) if isinstance(L, Tensor) else type(L).__name__} for a "
+                             f"batch of {B} examples: it must return one loss per example, shape ({B},) (e.g. "
+                             "reduction='none')")
     return L.reshape(B)
 
 # %% ../nbs/01_ground_truth.ipynb #3c54d0bc
@@ -173,7 +183,7 @@ def retrain_sequential(model:nn.Module, # trained model at θ* (left untouched)
                        X:Tensor, y:Tensor, # training inputs and targets
                        weights:Tensor, # (n,) sample weights, 0 to remove an example
                        cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
-                       loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                       loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                       ) -> nn.Module:
     "Retrain a copy of `model` with a plain torch.optim.SGD loop (the sequential reference)."
     dev = _device(model)
@@ -271,7 +281,7 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
                 weights:Tensor, # (K, n) sample weights, one row per model
                 X:Tensor, y:Tensor, # training inputs and targets (on the model's device)
                 cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
-                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                 seeds=None, # optional list of K order seeds: each model gets its own minibatch order
                 progress:bool=False, # show a tqdm bar over steps
                 fast:bool=True, # use the batched-matmul fast path when the model qualifies (`fast_path_layers`)
@@ -301,13 +311,16 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
     was_training = model.training
     model.train()
     try:
-        for step, idx in enumerate(tqdm(batches, total=cfg.steps, disable=not progress, leave=False, mininterval=1, desc='steps')):
+        bar = tqdm(batches, total=cfg.steps, disable=not progress, leave=False, mininterval=1, desc='steps')
+        for step, idx in enumerate(bar):
             if idx is None: xb, yb, wb, per_model = X, y, w_full, False
             else:
                 idx = idx.to(X.device); per_model = idx.dim() == 2
                 xb, yb = X[idx], y[idx]
                 wb = (weights.gather(1, idx) if per_model else weights[:, idx]) / idx.shape[-1]
-            if chain is None: losses = _stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, per_model), yb, per_model, step == 0)
+            if chain is None:
+                fwd = _stack_forward(model, params, buffers, xb, per_model)
+                losses = _stack_losses(loss_fn, fwd, yb, per_model, step == 0)
             else: losses = _chain_losses(loss_fn, _chain_forward(chain, state, xb, per_model), yb, per_model, step == 0)
             finite[step] = torch.isfinite(losses.detach()).all(1)  # no sync: read once, after the loop
             grads = list(torch.autograd.grad(losses, vals, wb.to(losses.dtype)))  # gradient of Σ_k Σ_i w_ki ℓ_ki / B
@@ -326,7 +339,8 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
 def _raise_nonfinite(finite:Tensor, vals:list, K:int):
     "NonFiniteError naming the first step and model row whose training loss (or final parameters) went NaN/Inf."
     if bool(finite.all()) and all(bool(torch.isfinite(v).all()) for v in vals): return
-    if not bool(finite.all()): step, row = (~finite).nonzero()[0].tolist(); what = f"a non-finite training loss at step {step}"
+    if not bool(finite.all()):
+        step, row = (~finite).nonzero()[0].tolist(); what = f"a non-finite training loss at step {step}"
     else:
         step = len(finite) - 1
         row = int(torch.stack([~torch.isfinite(v.reshape(K, -1)).all(1) for v in vals]).any(0).nonzero()[0])
@@ -339,13 +353,14 @@ def _raise_nonfinite(finite:Tensor, vals:list, K:int):
 @torch.no_grad()
 def stack_losses(model:nn.Module, params:dict, buffers:dict, # architecture and stacked state
                  X:Tensor, y:Tensor, # test inputs and targets
-                 loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                 loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                  batch_size:int=4096, # test examples per forward pass
                  fast:bool=True, # use the batched-matmul fast path when the model qualifies
                 ) -> Tensor:
     "Loss of every stacked model on every example, shape (K, m), in eval mode."
     X, y = _check_data(X, y, dev=_device(model))
-    if not (isinstance(batch_size, int) and batch_size >= 1): raise InfluenceError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1): raise InfluenceError("batch_size must be an int >= 1, "
+                                                                                   f"got {batch_size!r}")
     loss_fn = per_example(loss_fn)
     loss_fn.check_targets(y, 0, 'y')
     chain = fast_path_layers(model, X) if fast else None
@@ -397,7 +412,8 @@ def _tensor_digest(t:Tensor) -> list:
 
 def _global_names(code) -> set:
     "Names a code object (and the code nested in it) reads or writes as globals."
-    names = {i.argval for i in dis.get_instructions(code) if i.opname in ('LOAD_GLOBAL', 'LOAD_NAME', 'STORE_GLOBAL', 'DELETE_GLOBAL')}
+    globals_ops = ('LOAD_GLOBAL', 'LOAD_NAME', 'STORE_GLOBAL', 'DELETE_GLOBAL')
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in globals_ops}
     for c in code.co_consts:
         if isinstance(c, types.CodeType): names |= _global_names(c)
     return names
@@ -428,8 +444,10 @@ def _canon_module(m:nn.Module, where, stack) -> list:
     attrs = {k: _canon(v, f"{where}.{k}", stack) for k, v in sorted(vars(m).items()) if not k.startswith('_')}
     tensors = {k: _canon(v, f"{where}.{k}", stack) for k, v in sorted({**m._parameters, **m._buffers}.items())}
     subs = {k: _canon(v, f"{where}.{k}", stack) for k, v in m._modules.items()}
-    hooks = [_canon(h, f"{where} (a hook)", stack) for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
-    code = {f"{c.__qualname__}.{k}": _canon_function(v, where, stack) for c in cls.__mro__ if not _is_library(c.__module__)
+    hooks = [_canon(h, f"{where} (a hook)", stack)
+             for d in (m._forward_pre_hooks, m._forward_hooks) for h in d.values()]
+    code = {f"{c.__qualname__}.{k}": _canon_function(v, where, stack)
+            for c in cls.__mro__ if not _is_library(c.__module__)
             for k, v in sorted(vars(c).items()) if isinstance(v, types.FunctionType)}
     return ['nn.Module', cls.__module__, cls.__qualname__, attrs, tensors, subs, hooks, code]
 
@@ -444,16 +462,19 @@ def _canon(x, where:str='the loss', stack=None) -> list:
     if isinstance(x, types.ModuleType): return ['module', x.__name__]
     if isinstance(x, type): return ['class', x.__module__, x.__qualname__]
     if isinstance(x, Tensor):
-        if x.layout != torch.strided or x.is_quantized: raise InfluenceError(f"cannot fingerprint the {x.layout} tensor at {where}: {_LOSS_FIX}")
+        if x.layout != torch.strided or x.is_quantized: raise InfluenceError(f"cannot fingerprint the {x.layout} "
+                                                                             f"tensor at {where}: {_LOSS_FIX}")
         return _tensor_digest(x)
     if type(x).__module__ == 'numpy':
         import numpy as np
-        if isinstance(x, np.ndarray) and x.dtype != object: return ['ndarray', str(x.dtype), list(x.shape), _digest(np.ascontiguousarray(x).tobytes())]
+        if isinstance(x, np.ndarray) and x.dtype != object:
+            return ['ndarray', str(x.dtype), list(x.shape), _digest(np.ascontiguousarray(x).tobytes())]
         if isinstance(x, np.generic): return ['np', str(x.dtype), repr(x.item())]
     if id(x) in stack: return ['cycle']
     stack.add(id(x))
     try:
-        if isinstance(x, slice): return ['slice', _canon(x.start, where, stack), _canon(x.stop, where, stack), _canon(x.step, where, stack)]
+        if isinstance(x, slice):
+            return ['slice', _canon(x.start, where, stack), _canon(x.stop, where, stack), _canon(x.step, where, stack)]
         if isinstance(x, (tuple, list)):
             return [type(x).__qualname__, [_canon(v, f"{where}[{i}]", stack) for i, v in enumerate(x)]]
         if isinstance(x, (set, frozenset)):
@@ -467,11 +488,13 @@ def _canon(x, where:str='the loss', stack=None) -> list:
             return ['partial', _canon(x.func, where, stack), _canon(x.args, f"{where} (partial args)", stack),
                     _canon(x.keywords, f"{where} (partial keywords)", stack)]
         if isinstance(x, types.FunctionType): return _canon_function(x, where, stack)
-        if isinstance(x, types.MethodType): return ['method', _canon(x.__func__, where, stack), _canon(x.__self__, where, stack)]
+        if isinstance(x, types.MethodType):
+            return ['method', _canon(x.__func__, where, stack), _canon(x.__self__, where, stack)]
         if isinstance(x, types.BuiltinFunctionType):
             owner = getattr(x, '__self__', None)
             name = ['builtin', getattr(x, '__module__', None), x.__qualname__]
-            return name if owner is None or isinstance(owner, types.ModuleType) else name + [_canon(owner, where, stack)]
+            if owner is None or isinstance(owner, types.ModuleType): return name
+            return name + [_canon(owner, where, stack)]
     finally: stack.discard(id(x))
     raise InfluenceError(f"cannot fingerprint {type(x).__qualname__} object at {where} (its state could change the "
                          f"losses without changing the fingerprint): {_LOSS_FIX}")
@@ -497,7 +520,8 @@ def loss_description(loss_fn, # a loss module, functools.partial, function or la
         kw += [f"{k}={_short(v)}" for k, v in loss_fn._modules.items()]
         return f"{type(loss_fn).__qualname__}({', '.join(kw)})"
     if isinstance(loss_fn, functools.partial):
-        args = [loss_description(loss_fn.func)] + [_short(a) for a in loss_fn.args] + [f"{k}={_short(v)}" for k, v in loss_fn.keywords.items()]
+        args = ([loss_description(loss_fn.func)] + [_short(a) for a in loss_fn.args]
+                + [f"{k}={_short(v)}" for k, v in loss_fn.keywords.items()])
         return f"functools.partial({', '.join(args)})"
     name = f"{getattr(loss_fn, '__module__', None)}.{getattr(loss_fn, '__qualname__', type(loss_fn).__qualname__)}"
     if isinstance(loss_fn, types.FunctionType) and '<' in name:  # a lambda or a local function: show its source
@@ -538,7 +562,8 @@ def _run_record(model, P0, B0, X, y, X_test, y_test, removed, cfg, chunk_size, k
                           fingerprint=_model_fingerprint(model, P0, B0)),
                train_data=dict(description=_data_description(X, y), fingerprint=_fingerprint(X, y)),
                test_data=dict(description=_data_description(X_test, y_test), fingerprint=_fingerprint(X_test, y_test)),
-               removed=dict(description=f"{len(removed)} indices, first {removed[:5].tolist()}", fingerprint=_fingerprint(removed)))
+               removed=dict(description=f"{len(removed)} indices, first {removed[:5].tolist()}",
+                            fingerprint=_fingerprint(removed)))
     rec = json.loads(json.dumps(rec))  # exactly what config.json will hold (tuples as lists)
     return dict(rec, fingerprint=_fingerprint(rec))
 
@@ -550,16 +575,18 @@ def _differences(old:dict, new:dict) -> list:
         a = old.get(k, '<not stored>')
         if a == b: continue
         if k == 'cfg' and isinstance(a, dict):
-            out += [f"cfg.{f}: {a.get(f, '<not stored>')!r} -> {v!r}" for f, v in b.items() if a.get(f, '<not stored>') != v]
+            out += [f"cfg.{f}: {a.get(f, '<not stored>')!r} -> {v!r}"
+                    for f, v in b.items() if a.get(f, '<not stored>') != v]
         elif isinstance(b, dict) and 'description' in b:
             da = a.get('description') if isinstance(a, dict) else a
             out.append(f"{k}: {da} -> {b['description']}" if da != b['description'] else
-                       f"{k}: {b['description']} (same description, different contents: a constant, tensor or parameter changed)")
+                       f"{k}: {b['description']} (same description, different contents: a constant, tensor or "
+                       "parameter changed)")
         else: out.append(f"{k}: {a!r} -> {b!r}")
     return out or ['the run fingerprint (a folder written by another version of influence_nb?)']
 
 def _atomic_write(path:Path, write):
-    "Write `path` through a temporary file in the same folder and `os.replace`: readers see the old file or the new one."
+    "Write `path` through a temporary file in its folder and `os.replace`: readers see the old file or the new one."
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try: write(tmp); os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
@@ -573,7 +600,8 @@ def _open_out_dir(out_dir:Path, record:dict, n_chunks:int, dev) -> dict:
         except (OSError, ValueError) as e: raise InfluenceError(f"{cfg_path} cannot be read ({e}): {fix}") from e
         if not isinstance(old, dict) or old.get('fingerprint') != record['fingerprint']:
             diff = _differences(old if isinstance(old, dict) else {}, record)
-            raise InfluenceError(f"{out_dir} holds chunks of a different run; settings that differ (stored -> this run): "
+            raise InfluenceError(f"{out_dir} holds chunks of a different run; settings that differ (stored -> this "
+                                 "run): "
                                  + '; '.join(diff) + f". Nothing was written: {fix}")
     done = {}
     for c in range(n_chunks):
@@ -581,7 +609,8 @@ def _open_out_dir(out_dir:Path, record:dict, n_chunks:int, dev) -> dict:
         if not path.exists(): continue
         try: res = torch.load(path, map_location=dev)
         except Exception as e:
-            raise InfluenceError(f"{path} cannot be read ({type(e).__name__}: {e}): delete that file to recompute its chunk") from e
+            raise InfluenceError(f"{path} cannot be read ({type(e).__name__}: {e}): delete that file to recompute its "
+                                 "chunk") from e
         if not isinstance(res, dict) or res.get('fingerprint') != record['fingerprint']:
             raise InfluenceError(f"{path} was written by a different run (its fingerprint is not this run's): {fix}")
         done[c] = res
@@ -596,7 +625,7 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
                 X_test:Tensor, y_test:Tensor, # test points whose losses are tracked
                 removed, # training indices to remove, one retrain each
                 cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
-                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                 chunk_size:int|None=None, # removals per stack (None: all at once)
                 out_dir=None, # folder for finished chunks; reruns resume from it
                 keep_params:bool=True, # return θ_{-j} - θ* (K × p floats)
@@ -609,11 +638,13 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
     X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev)
     n = len(X)
     removed = as_removed(removed, n)
-    if not len(removed): raise InfluenceError("nothing to retrain: `removed` is empty; pass at least one training index")
+    if not len(removed):
+        raise InfluenceError("nothing to retrain: `removed` is empty; pass at least one training index")
     K = len(removed)
     if chunk_size is None: chunk_size = K
     elif not (isinstance(chunk_size, numbers.Integral) and not isinstance(chunk_size, bool) and chunk_size >= 1):
-        raise InfluenceError(f"chunk_size must be a whole number >= 1 (or None for all removals in one stack), got {chunk_size!r}")
+        raise InfluenceError("chunk_size must be a whole number >= 1 (or None for all removals in one stack), got "
+                             f"{chunk_size!r}")
     chunk_size = int(chunk_size)
     P0, B0 = stack_state(model, 1)
     theta = _flat(P0)[0]
@@ -648,12 +679,13 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
         if not torch.isfinite(L).all():
             k, t = (~torch.isfinite(L)).nonzero()[0].tolist()
             who = 'the control run' if k == 0 else f"the run without training example {int(rem[k - 1])}"
-            raise NonFiniteError(f"chunk {c}: after retraining, {who} has a non-finite loss on test point {t}: {_NONFINITE_FIX}")
+            raise NonFiniteError(f"chunk {c}: after retraining, {who} has a non-finite loss on test point {t}: "
+                                 f"{_NONFINITE_FIX}")
         dtheta = _flat(P) - theta
         res = dict(fingerprint=fp, removed=rem, control_losses=L[0], test_losses=L[1:],
                    control_param_change=dtheta[0] if keep_params else None,
                    param_change=dtheta[1:] if keep_params else None)
-        if path is not None: _atomic_write(path, lambda t: torch.save(res, t))
+        if path is not None: _atomic_write(path, lambda t, res=res: torch.save(res, t))
         chunks.append(res)
         if callback is not None: callback(c, res)
     test_losses = torch.cat([r['test_losses'] for r in chunks])
@@ -682,7 +714,7 @@ class NoiseFloor:
 def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tensor, # θ*, train and test sets
                 cfg:RetrainConfig, # the retraining settings whose noise we measure
                 seeds=(1, 2, 3, 4, 5), # one minibatch order per control run
-                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean-reduced loss module
+                loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                 progress:bool=False, # show a tqdm bar over steps
                 fast:bool=True, # batched-matmul fast path for plain MLPs; False forces vmap
                ) -> NoiseFloor:
@@ -690,7 +722,8 @@ def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tenso
     dev = _device(model)
     X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev)
     seeds = [int(s) for s in seeds]
-    if not seeds: raise InfluenceError("seeds is empty: pass at least one minibatch-order seed (two or more for a spread)")
+    if not seeds: raise InfluenceError("seeds is empty: pass at least one minibatch-order seed (two or more for a "
+                                       "spread)")
     loss_fn = per_example(loss_fn)
     full_batch = cfg.batch_size is None or cfg.batch_size >= len(X)  # no order: all control runs are one run
     R = 1 if full_batch else len(seeds)
@@ -699,11 +732,12 @@ def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tenso
     P, Bf = stack_state(model, R)
     with torch.random.fork_rng(devices=[dev] if dev.type == 'cuda' else []):
         torch.manual_seed(cfg.seed)
-        try: train_stack(model, P, Bf, W, X, y, cfg, loss_fn, seeds=None if full_batch else seeds, progress=progress, fast=fast)
+        try: train_stack(model, P, Bf, W, X, y, cfg, loss_fn, seeds=None if full_batch else seeds, progress=progress,
+                         fast=fast)
         except NonFiniteError as e:
             if not hasattr(e, 'row'): raise
-            raise NonFiniteError(f"noise floor, control run with seed {seeds[e.row]}, step {e.step}: non-finite training loss "
-                                 f"or parameters: {_NONFINITE_FIX}") from e
+            raise NonFiniteError(f"noise floor, control run with seed {seeds[e.row]}, step {e.step}: non-finite "
+                                 f"training loss or parameters: {_NONFINITE_FIX}") from e
     losses = stack_losses(model, P, Bf, X_test, y_test, loss_fn, fast=fast)
     if not torch.isfinite(losses).all():
         raise NonFiniteError(f"noise floor: a control run has a non-finite loss on test point "
