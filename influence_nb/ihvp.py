@@ -7,7 +7,7 @@ __all__ = ['hvp_operator', 'top_eigenvalue', 'bottom_eigenvalue', 'power_iterati
            'batch_top_eigenvalue', 'LissaDivergence', 'LissaOverflow', 'LissaSolver', 'peak_memory']
 
 # %% ../nbs/03_ihvp.ipynb #79148425
-import math, warnings, os, gc, threading, ctypes, functools, inspect
+import math, os, gc, threading, ctypes, functools, inspect
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,8 +29,9 @@ def hvp_operator(op, shift: float = 0.) -> LinearOperator:
         out = op.hvp(V) + shift * V
         calls[0] += 1
         if not torch.isfinite(out).all():
-            raise NonFiniteError(f"hvp_operator (Lanczos, top/bottom eigenvalue): the Hessian-vector product of call {calls[0]} "
-                                 "is not finite: check the model and the training data (an Inf input, a NaN weight)")
+            raise NonFiniteError("hvp_operator (Lanczos, top/bottom eigenvalue): the Hessian-vector product of call "
+                                 f"{calls[0]} is not finite: check the model and the training data (an Inf input, a "
+                                 "NaN weight)")
         return out.detach().cpu().double().numpy().T.reshape(np.shape(v))
     return LinearOperator((p, p), matvec=mv, matmat=mv, dtype=np.float64)
 
@@ -55,14 +56,14 @@ def top_eigenvalue(op, tol: float = 1e-6, maxiter: int | None = None, seed: int 
 
 def bottom_eigenvalue(op, tol: float = 1e-6, maxiter: int | None = None, seed: int = 0,
                       top: float | None = None) -> float:
-    "Smallest (most negative) eigenvalue of H (weight decay included, no damping): λ_max minus the top eigenvalue of λ_max·I - H."
+    "Smallest eigenvalue of H (weight decay included, no damping): λ_max minus the top eigenvalue of λ_max·I - H."
     top = top_eigenvalue(op, tol, maxiter, seed) if top is None else top
     return top - _largest(op, top, -1, tol, maxiter, seed)
 
 # %% ../nbs/03_ihvp.ipynb #c371361f
 def power_iteration(matvec, dim: int, *, iters: int = 100, tol: float = 1e-4, seed: int = 0,
                     dtype=torch.float64, device=None) -> tuple[float, Tensor]:
-    "Eigenvalue of largest magnitude of a symmetric map `matvec` on R^dim and a unit eigenvector, by power iteration in torch."
+    "Eigenvalue of largest magnitude of a symmetric map `matvec` on R^dim and a unit eigenvector, by power iteration."
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(dim, generator=g, dtype=dtype).to(device)
     v, lam = v / v.norm(), 0.
@@ -112,19 +113,20 @@ def _check_int(name: str, what: str, v) -> int:
 
 @register_solver
 class CGSolver(IHVPSolver):
-    "Conjugate gradient on (H + δI) x = v: one independent CG per right-hand side, all advanced together by full-data HVPs."
+    "Conjugate gradient on (H + δI) x = v: one independent CG per right-hand side, advanced together by full-data HVPs."
     name = "cg"
     @_check_options
     def __init__(self,
                  tol: float = 1e-8, # stop when the relative residual ||(H+δI)x-v||/||v|| of every column is below it
                  max_iter: int = 1000, # at most this many iterations (full-data HVP passes)
                  warn: bool | None = None, # the old spelling: warn=False means on_fail='ignore'
-                 on_fail: str = "warn", # not converged: 'warn' (NotConvergedWarning), 'raise' (NotConvergedError) or 'ignore'
+                 on_fail: str = "warn", # not converged: 'warn' (a warning), 'raise' (NotConvergedError) or 'ignore'
                 ):
         self.tol, self.max_iter = _check_tol(self.name, tol), _check_int(self.name, "max_iter", max_iter)
         check_on_fail(on_fail, self.name)
         if warn is False:
-            if on_fail == "raise": raise InfluenceError(f"{self.name}: warn=False contradicts on_fail='raise'; pass on_fail only")
+            if on_fail == "raise": raise InfluenceError(f"{self.name}: warn=False contradicts on_fail='raise'; pass "
+                                                        "on_fail only")
             on_fail = "ignore"
         self.on_fail = on_fail
 
@@ -143,16 +145,16 @@ class CGSolver(IHVPSolver):
             AP[idx] = _damped_hvp(op, P[idx])
             hvps += len(idx)
             if not torch.isfinite(AP).all():
-                raise NonFiniteError(f"cg: a Hessian-vector product is not finite at iteration {it}: check the model and the "
-                                     "training data (an Inf input, a NaN weight)")
+                raise NonFiniteError(f"cg: a Hessian-vector product is not finite at iteration {it}: check the model "
+                                     "and the training data (an Inf input, a NaN weight)")
             pAp = (P * AP).sum(1)
             bad = active & (pAp <= 0)
             if bad.any():
                 k = int(bad.nonzero()[0]); q = float(pAp[k] / (P[k] @ P[k]))
                 raise HessianNotPositiveDefinite(
-                    f"cg: H + δI is not positive definite (δ={op.damping:g}, weight decay {op.weight_decay:g}): at iteration "
-                    f"{it} it has a direction of curvature {q:.3e}. Conjugate gradient needs a positive-definite matrix: "
-                    f"pass damping > {max(0., op.damping - q):.2e}")
+                    f"cg: H + δI is not positive definite (δ={op.damping:g}, weight decay {op.weight_decay:g}): at "
+                    f"iteration {it} it has a direction of curvature {q:.3e}. Conjugate gradient needs a "
+                    f"positive-definite matrix: pass damping > {max(0., op.damping - q):.2e}")
             alpha = torch.where(active, rs / pAp.where(active, one), 0 * one)
             X = X + alpha[:, None] * P
             R = R - alpha[:, None] * AP
@@ -170,15 +172,16 @@ class CGSolver(IHVPSolver):
         res = relative_residual(_damped_hvp(op, X), X, V)
         if not math.isfinite(res): raise NonFiniteError(f"{self.name}: the solution is not finite after iteration {it}")
         info = SolveInfo(self.name, op.damping, op.weight_decay, res, it,
-                         details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol, "max_iter": self.max_iter,
-                                  **details})
-        # the true residual cannot fall below round-off: in float32 a tol of 1e-8 is out of reach however long CG runs, so
+                         details={"residual_history": torch.stack(hist).cpu(), "tol": self.tol,
+                                  "max_iter": self.max_iter, **details})
+        # the true residual cannot fall below round-off: in float32 a tol of 1e-8 is out of reach however long CG runs,
+        # so
         # the warning judges against the larger of tol and √eps of the dtype (3.5e-4 in float32, 1.5e-8 in float64)
         floor = torch.finfo(X.dtype).eps ** 0.5
         info.details["tol_judged"] = max(self.tol, floor)
         report_convergence(info, max(self.tol, floor), self.on_fail,
-                           f"{it} iterations of max_iter={self.max_iter} ran: raise max_iter, or the damping (a larger δ "
-                           "lowers the condition number of H + δI, and changes the problem solved)")
+                           f"{it} iterations of max_iter={self.max_iter} ran: raise max_iter, or the damping (a larger "
+                           "δ lowers the condition number of H + δI, and changes the problem solved)")
         info.details["converged"] = info.converged          # the former place of the flag, kept for old callers
         return X, info
 
@@ -199,13 +202,14 @@ class BlockCGSolver(CGSolver):
                  tol: float = 1e-8, # stop when the relative residual of every column is below it
                  max_iter: int = 1000, # at most this many block iterations
                  warn: bool | None = None, # the old spelling: warn=False means on_fail='ignore'
-                 rank_tol: float | None = None, # drop search directions below rank_tol × the largest (None: √eps of the dtype); in (0, 1)
+                 rank_tol: float | None = None, # drop directions under rank_tol × the largest (None: √eps); in (0, 1)
                  on_fail: str = "warn", # not converged: 'warn', 'raise' or 'ignore'
                 ):
         CGSolver.__init__.__wrapped__(self, tol, max_iter, warn, on_fail)
         if rank_tol is not None and (isinstance(rank_tol, bool) or not isinstance(rank_tol, (int, float))
                                      or not 0 < rank_tol < 1):
-            raise InfluenceError(f"{self.name}: rank_tol must be a number in (0, 1) (or None for √eps), got {rank_tol!r}")
+            raise InfluenceError(f"{self.name}: rank_tol must be a number in (0, 1) (or None for √eps), got "
+                                 f"{rank_tol!r}")
         self.rank_tol = rank_tol
 
     def solve(self, op, V):
@@ -219,17 +223,17 @@ class BlockCGSolver(CGSolver):
         while bool((hist[-1] > self.tol).any()) and it < self.max_iter and len(P):
             Q = _damped_hvp(op, P)                              # (r, p): one pass, r ≤ number of active columns
             if not torch.isfinite(Q).all():
-                raise NonFiniteError(f"block_cg: a Hessian-vector product is not finite at iteration {it}: check the model "
-                                     "and the training data (an Inf input, a NaN weight)")
+                raise NonFiniteError(f"block_cg: a Hessian-vector product is not finite at iteration {it}: check the "
+                                     "model and the training data (an Inf input, a NaN weight)")
             hvps += len(P)
             PtQ = P @ Q.T
             PtQ = (PtQ + PtQ.T) / 2                              # Pᵀ(H+δI)P, symmetric
             lo = float(torch.linalg.eigvalsh(PtQ)[0])
             if lo <= 0:
                 raise HessianNotPositiveDefinite(
-                    f"block_cg: H + δI is not positive definite (δ={op.damping:g}, weight decay {op.weight_decay:g}): at "
-                    f"iteration {it} it has a direction of curvature {lo:.3e}. Conjugate gradient needs a positive-definite "
-                    f"matrix: pass damping > {max(0., op.damping - lo):.2e}")
+                    f"block_cg: H + δI is not positive definite (δ={op.damping:g}, weight decay {op.weight_decay:g}): "
+                    f"at iteration {it} it has a direction of curvature {lo:.3e}. Conjugate gradient needs a "
+                    f"positive-definite matrix: pass damping > {max(0., op.damping - lo):.2e}")
             L = torch.linalg.cholesky(PtQ)
             alpha = torch.cholesky_solve(P @ R.T, L)             # (r, s): the step along each direction, per column
             X = X + alpha.T @ P
@@ -249,11 +253,13 @@ def _cast(op, t: Tensor) -> Tensor:
 
 
 def minibatches(op, batch_size: int, generator: torch.Generator):
-    "Endless minibatches of the Hessian's data (the training set unless hessian_data was given), drawn uniformly with replacement (the whole set, in order, if batch_size >= n), cast like the engine's."
+    ("Endless minibatches of the Hessian's data (the training set unless hessian_data was given), drawn uniformly with "
+     "replacement (the whole set, in order, if batch_size >= n), cast like the engine's.")
     op = as_curvature(op)
     ds = op.data.dataset
     if not (hasattr(ds, "__len__") and hasattr(ds, "__getitem__")):
-        raise InfluenceError("lissa needs a map-style training set (indexable, with a length) to draw random minibatches")
+        raise InfluenceError("lissa needs a map-style training set (indexable, with a length) to draw random "
+                             "minibatches")
     n = len(ds)
     if batch_size >= n:                                 # the whole training set every step: deterministic
         xs, ys = zip(*op.batches())
@@ -281,13 +287,13 @@ def _checked(op, x: Tensor, y: Tensor, idx: Tensor):
 
 
 def batch_top_eigenvalue(op, batch_size: int, probes: int = 5, seed: int = 0, iters: int = 50) -> float:
-    "The largest top eigenvalue of minibatch Hessians H_B (weight decay included) over `probes` random batches, by power iteration."
+    "The largest top eigenvalue of minibatch Hessians H_B (weight decay included) over `probes` random batches."
     op = as_curvature(op)
     stream = minibatches(op, batch_size, torch.Generator().manual_seed(seed))
     tops = []
     for i in range(probes):
         x, y = next(stream)
-        lam, _ = power_iteration(lambda v: op.batch_hvp(v, x, y), op.size, iters=iters, tol=1e-3,
+        lam, _ = power_iteration(lambda v, x=x, y=y: op.batch_hvp(v, x, y), op.size, iters=iters, tol=1e-3,
                                  seed=seed + i, dtype=op.dtype, device=op.device)
         tops.append(lam)
     return max(tops)
@@ -320,19 +326,24 @@ class LissaSolver(IHVPSolver):
                  max_growth: float = 10., # stop as diverged when ||x_j|| > max_growth × (j + 1) × ||v||
                  progress: bool = False, # show a tqdm progress bar
                  checkpoints: Sequence[int] = (), # also keep the estimate at these depths (in details)
-                 tol: float = 0.5, # largest acceptable true relative residual ||(H+δI)x-v||/||v|| (see "When LiSSA has failed")
-                 on_fail: str = "warn", # residual above tol: 'warn' (NotConvergedWarning), 'raise' (NotConvergedError) or 'ignore'
+                 tol: float = 0.5, # max true relative residual ||(H+δI)x-v||/||v|| (see "When LiSSA has failed")
+                 on_fail: str = "warn", # residual over tol: 'warn' (a warning), 'raise' (NotConvergedError) or 'ignore'
                 ):
-        for nm, v in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size), ("scale_probes", scale_probes)):
+        for nm, v in (("depth", depth), ("repeats", repeats), ("batch_size", batch_size),
+                      ("scale_probes", scale_probes)):
             _check_int("lissa", nm, v)
-        if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0)):
+        if scale is not None and (isinstance(scale, bool)
+                                  or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0)):
             raise InfluenceError(f"lissa: scale must be a finite number > 0 (or None to choose it), got {scale!r}")
         if not scale_margin >= 1: raise InfluenceError(f"lissa: scale_margin must be >= 1, got {scale_margin!r}")
-        if not max_growth > 0: raise InfluenceError(f"lissa: max_growth must be > 0 (inf disables the check), got {max_growth!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int): raise InfluenceError(f"lissa: seed must be an int, got {seed!r}")
+        if not max_growth > 0: raise InfluenceError("lissa: max_growth must be > 0 (inf disables the check), got "
+                                                    f"{max_growth!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int): raise InfluenceError("lissa: seed must be an int, got "
+                                                                                     f"{seed!r}")
         self.tol, self.on_fail = _check_tol("lissa", tol), check_on_fail(on_fail, "lissa")
         self.depth, self.repeats, self.batch_size, self.scale, self.seed = depth, repeats, batch_size, scale, seed
-        self.scale_margin, self.scale_probes, self.max_growth, self.progress = scale_margin, scale_probes, max_growth, progress
+        self.scale_margin, self.scale_probes = scale_margin, scale_probes
+        self.max_growth, self.progress = max_growth, progress
         self.checkpoints = sorted({int(c) for c in checkpoints if 1 <= int(c) <= depth})
 
     def choose_scale(self, op) -> tuple[float, dict]:
@@ -352,18 +363,21 @@ class LissaSolver(IHVPSolver):
         what = "is not finite" if not math.isfinite(growth) else f"reached {growth:.2e} × ||v|| after {step} steps"
         if A_top >= 2 * scale:
             why = (f"scale={scale:g} is too small: the top eigenvalue of H + δI is {A_top:.4g} (H's top eigenvalue "
-                   f"{top:.4g} + δ={op.damping:g}), so (H + δI)/scale has an eigenvalue {A_top / scale:.3g} > 2 and the "
-                   f"recursion grows geometrically. Use scale >= {self.scale_margin * A_top:.3g} (or scale=None to choose it).")
+                   f"{top:.4g} + δ={op.damping:g}), so (H + δI)/scale has an eigenvalue {A_top / scale:.3g} > 2 and "
+                   f"the recursion grows geometrically. Use scale >= {self.scale_margin * A_top:.3g} (or scale=None to "
+                   "choose it).")
         else:
             bot = bottom_eigenvalue(op, tol=1e-4, top=top)
             if bot + op.damping <= 0:
-                why = (f"scale={scale:g} is large enough for the top eigenvalue of H + δI ({A_top:.4g}), but H + δI is not "
-                       f"positive definite: its smallest eigenvalue is {bot + op.damping:.3e} (H's {bot:.3e} + "
-                       f"δ={op.damping:g}) and the recursion grows along negative curvature. Pass damping > {max(0., -bot):.2e}.")
+                why = (f"scale={scale:g} is large enough for the top eigenvalue of H + δI ({A_top:.4g}), but H + δI is "
+                       f"not positive definite: its smallest eigenvalue is {bot + op.damping:.3e} (H's {bot:.3e} + "
+                       f"δ={op.damping:g}) and the recursion grows along negative curvature. Pass damping > "
+                       f"{max(0., -bot):.2e}.")
             else:
-                why = (f"scale={scale:g} is large enough for the full Hessian (top eigenvalue of H + δI {A_top:.4g} < 2 × scale) "
-                       f"and H + δI is positive definite (smallest eigenvalue {bot + op.damping:.3e}), so minibatch Hessians of "
-                       f"batch_size={self.batch_size} drove the growth: increase the scale, the batch size or the damping.")
+                why = (f"scale={scale:g} is large enough for the full Hessian (top eigenvalue of H + δI {A_top:.4g} < "
+                       f"2 × scale) and H + δI is positive definite (smallest eigenvalue {bot + op.damping:.3e}), so "
+                       f"minibatch Hessians of batch_size={self.batch_size} drove the growth: increase the scale, the "
+                       "batch size or the damping.")
         cls = LissaDivergence if math.isfinite(growth) else LissaOverflow
         return cls(f"lissa diverged at step {step} of depth {self.depth} (repeat {r}): ||x_j|| {what}. {why}",
                                scale=scale, top_eigenvalue=top, step=step)
@@ -389,9 +403,9 @@ class LissaSolver(IHVPSolver):
                         xb, yb = next(stream)
                         hv = op.batch_hvp(x, xb, yb)
                         if not torch.isfinite(hv).all():
-                            raise NonFiniteError(f"lissa: the minibatch Hessian-vector product of step {j} (repeat {r}) is "
-                                                 "not finite while the iterate is: check the model and the training data "
-                                                 "(an Inf input, a NaN weight)")
+                            raise NonFiniteError(f"lissa: the minibatch Hessian-vector product of step {j} (repeat "
+                                                 f"{r}) is not finite while the iterate is: check the model and the "
+                                                 "training data (an Inf input, a NaN weight)")
                         x = V + x - (hv + op.damping * x) / scale
                         growth = float((x.norm(dim=1) / vnorm).max())
                         if not math.isfinite(growth) or growth > self.max_growth * (j + 1):
@@ -416,12 +430,13 @@ class LissaSolver(IHVPSolver):
 
     def _hint(self, op, scale, est) -> str:
         "What to change when the residual is above tol: depth, scale, damping, batch size, repeats."
-        where = (f"chosen as {self.scale_margin:g} × (top eigenvalue {max(est['top_eigenvalue'], est['batch_top_eigenvalue']):.4g}"
-                 f" of H or a batch-{self.batch_size} Hessian + δ)" if est else "as given")
-        return (f"raise depth (now {self.depth}): LiSSA needs about scale/λmin(H + δI) steps; scale={scale:.4g} ({where}): "
-                f"a scale far above the top eigenvalue of H + δI slows it in proportion (scale=None chooses one); raise the "
-                f"damping (δ={op.damping:g}) on an ill-conditioned H; raise batch_size (now {self.batch_size}) or repeats "
-                f"(now {self.repeats}) to average the minibatch noise")
+        where = (f"chosen as {self.scale_margin:g} × (top eigenvalue "
+                 f"{max(est['top_eigenvalue'], est['batch_top_eigenvalue']):.4g} of H or a batch-{self.batch_size} "
+                 "Hessian + δ)" if est else "as given")
+        return (f"raise depth (now {self.depth}): LiSSA needs about scale/λmin(H + δI) steps; scale={scale:.4g} "
+                f"({where}): a scale far above the top eigenvalue of H + δI slows it in proportion (scale=None chooses "
+                f"one); raise the damping (δ={op.damping:g}) on an ill-conditioned H; raise batch_size (now "
+                f"{self.batch_size}) or repeats (now {self.repeats}) to average the minibatch noise")
 
 # %% ../nbs/03_ihvp.ipynb #891cb4b1
 def _rss() -> int:
@@ -439,7 +454,7 @@ def _malloc_trim():
 
 
 def peak_memory(fn, interval: float = 0.002, device=None) -> tuple[Any, int]:
-    "Run `fn()`; return its result and the peak memory increase in bytes during the run (CPU: sampled RSS; CUDA: allocator peak)."
+    "Run `fn()`; return its result and the peak memory increase in bytes (CPU: sampled RSS; CUDA: allocator peak)."
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
