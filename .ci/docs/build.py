@@ -100,8 +100,9 @@ def doc_anchors(nb: dict) -> set:
     return res
 
 
-def quarto_like(nb: dict, page_of: dict, doc_prefixes, title_fallback: str, anchors: dict = {}):
+def quarto_like(nb: dict, page_of: dict, doc_prefixes, title_fallback: str, anchors: dict | None = None):
     "Apply the Quarto-side conventions to one nbdev-processed notebook (in place); return (title, description)."
+    anchors = {} if anchors is None else anchors
     cells, out, fm = nb["cells"], [], {}
     for c in cells:
         if c["cell_type"] == "raw" and not fm:
