@@ -523,7 +523,8 @@ def _():
       "a user BatchSampler over a SequentialSampler (complete, in order): the right numbers, or refused as a batch_sampler")
 def _():
     return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(),
-                            DataLoader(TensorDataset(*te()), batch_sampler=BatchSampler(SequentialSampler(range(30)), 7, False)), weight_decay=LAM)
+                            DataLoader(TensorDataset(*te()), batch_sampler=BatchSampler(SequentialSampler(range(30)), 7, False)),
+                            weight_decay=LAM)
 
 @case("data-train-drop-last", "loaders/samplers", E("drop_last"),
       "issue 15: drop_last=True gave (30, 96) for 120 points")
@@ -567,7 +568,8 @@ def _():
 def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), list(tr()), list(te()), weight_decay=LAM)
 
 @case("data-subset-ordered", "loaders/samplers",
-      Right(lambda: REF()["scores"][torch.arange(29, -1, -1)]), "test = Subset(ds, reversed indices): an ordered map-style dataset")
+      Right(lambda: REF()["scores"][torch.arange(29, -1, -1)]),
+      "test = Subset(ds, reversed indices): an ordered map-style dataset")
 def _():
     return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), Subset(TensorDataset(*te()), list(range(29, -1, -1))),
                             weight_decay=LAM)
@@ -638,7 +640,8 @@ def _():
     return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM,
                             hessian_data=dl(tr(), batch_size=32, shuffle=True))
 
-@case("data-numpy-mixed-dtypes", "loaders/samplers", Right(lambda: reference(mlp(), ce_ref, (tr()[0].float().double(), tr()[1]), te())["scores"]),
+@case("data-numpy-mixed-dtypes", "loaders/samplers",
+      Right(lambda: reference(mlp(), ce_ref, (tr()[0].float().double(), tr()[1]), te())["scores"]),
       "X as float32 numpy, y as int64 numpy: cast to the model's dtype")
 def _():
     X, y = tr()
@@ -706,18 +709,24 @@ def _(): return influence_scores(mlp(), nn.CrossEntropyLoss(), tr(), te(), weigh
 # --------------------------------------------------------------------------------------------------------- dtypes
 def cast_model(m, dt): return m.to(dt)
 
-@case("dtype-float32-model", "dtypes", Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"], rtol=2e-3),
+@case("dtype-float32-model", "dtypes",
+      Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"],
+            rtol=2e-3),
       "the README's float32 model and data")
 def _():
     X, y = tr()
     Xt, yt = te()
     return influence_scores(mlp().float(), nn.CrossEntropyLoss(), (X.float(), y), (Xt.float(), yt), weight_decay=LAM)
 
-@case("dtype-float32-model-float64-data", "dtypes", Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"], rtol=2e-3),
+@case("dtype-float32-model-float64-data", "dtypes",
+      Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"],
+            rtol=2e-3),
       "float32 model, float64 data: data cast to the model's dtype")
 def _(): return influence_scores(mlp().float(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
 
-@case("dtype-float32-model-dtype64", "dtypes", Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"], rtol=1e-5),
+@case("dtype-float32-model-dtype64", "dtypes",
+      Right(lambda: reference(mlp().float(), ce_ref, (tr()[0].float(), tr()[1]), (te()[0].float(), te()[1]))["scores"],
+            rtol=1e-5),
       "float32 model and data, dtype=torch.float64")
 def _():
     X, y = tr()
@@ -735,7 +744,8 @@ def _(): return influence_scores(mlp().half(), nn.CrossEntropyLoss(), tr(), te()
 @case("dtype-bfloat16-model", "dtypes", E("dtype="), "issue 15: a bfloat16 model was called singular")
 def _(): return influence_scores(mlp().bfloat16(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM)
 
-@case("dtype-bfloat16-model-dtype64", "dtypes", Right(lambda: reference(mlp().bfloat16(), ce_ref, tr(), te())["scores"], rtol=1e-5),
+@case("dtype-bfloat16-model-dtype64", "dtypes",
+      Right(lambda: reference(mlp().bfloat16(), ce_ref, tr(), te())["scores"], rtol=1e-5),
       "bfloat16 model with dtype=torch.float64: the right numbers at its (rounded) parameters")
 def _():
     return influence_scores(mlp().bfloat16(), nn.CrossEntropyLoss(), tr(), te(), weight_decay=LAM, dtype=torch.float64)
@@ -1569,7 +1579,8 @@ def run_case(c: Case, timeout: float | None = None) -> tuple[str, str]:
             return "error, unclear message", f"exit code {code!r}, expected {ex.code}: {_first_line(r.output)}"
         missing = _has(r.output, ex.fragments)
         if missing: return "error, unclear message", f"exit {code}, output lacks {missing}: {_first_line(r.output)}"
-        return ("right" if ex.code == 0 else "clear error"), f"exit {code}: " + _first_line(r.output.strip().splitlines()[-1] if r.output.strip() else "")
+        last = r.output.strip().splitlines()[-1] if r.output.strip() else ""
+        return ("right" if ex.code == 0 else "clear error"), f"exit {code}: " + _first_line(last)
 
     if err is not None:
         msg = f"{type(err).__name__}: {_first_line(err)}"

@@ -54,8 +54,10 @@ function collect() {
     raw_tex,
     math: document.querySelectorAll('mjx-container').length,
     math_errors: [...document.querySelectorAll('mjx-merror')].map(e => e.textContent).slice(0, 5),
-    links: [...document.querySelectorAll('a[href]')].map(a => ({href: a.href, raw: a.getAttribute('href'), text: a.textContent.trim().slice(0, 40)})),
-    images: [...document.images].map(i => ({src: (i.currentSrc || i.src).slice(0, 80), ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth})),
+    links: [...document.querySelectorAll('a[href]')].map(a => ({href: a.href, raw: a.getAttribute('href'),
+                                                              text: a.textContent.trim().slice(0, 40)})),
+    images: [...document.images].map(i => ({src: (i.currentSrc || i.src).slice(0, 80),
+                                            ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth})),
     heads,
     h1: (document.querySelector('article h1') || {textContent: ''}).textContent.replace(/¶/g, '').trim(),
     lead: (document.querySelector('article h1 + blockquote') || {textContent: ''}).textContent.trim(),
@@ -230,7 +232,8 @@ def main():
             box.click()
             box.send_keys(word)
             hits = []
-            for _ in range(100):   # results re-render while the index loads: read them in one script call, until they hold the page
+            # results re-render while the index loads: read them in one script call, until they hold the page
+            for _ in range(100):
                 hits = d.execute_script("return [...document.querySelectorAll('.md-search-result__link')].map(e => e.href)") or []
                 if any(urlparse(h).path.endswith("/" + target["page"]) for h in hits): break
                 time.sleep(0.1)
@@ -255,7 +258,8 @@ def main():
             report["api"][mod] = {"page": page, "documented": [n for n in names if n not in missing],
                                   "missing": missing, "not_def_or_class": others}
             print(f"[browser] API influence_nb.{mod}: {len(names) - len(missing)}/{len(names)} public functions/classes"
-                  f" documented on {page}" + (f" (not def/class, not required: {', '.join(others)})" if others else ""), flush=True)
+                  f" documented on {page}" + (f" (not def/class, not required: {', '.join(others)})" if others else ""),
+                  flush=True)
         if Handler.missing: fail("server", f"404s: {sorted(set(Handler.missing))[:10]}")
     finally:
         d.quit()

@@ -227,7 +227,8 @@ def main():
             target = docs / Path(page).with_suffix(".ipynb")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
-            src_nb = (nbs / p.relative_to(proc)).relative_to(ROOT).as_posix() if (nbs / p.relative_to(proc)).is_relative_to(ROOT) else str(nbs / p.relative_to(proc))
+            nb_path = nbs / p.relative_to(proc)
+            src_nb = nb_path.relative_to(ROOT).as_posix() if nb_path.is_relative_to(ROOT) else str(nb_path)
             pages.append({"notebook": src_nb, "page": page, "title": title, "description": desc})
             nav.append({title: Path(page).with_suffix(".ipynb").as_posix()})
         from nbdev.doclinks import nbglob
