@@ -111,6 +111,10 @@ class RetrainConfig:
 _NONFINITE_FIX = ("lower cfg.lr, check X and y for NaN/Inf, or use a numerically stable loss "
                   "(e.g. cross-entropy on logits rather than log of a softmax)")
 
+def _float_dtype(model) -> torch.dtype | None:
+    "The dtype of the model's first floating parameter: what floating data is cast to (float64 data, float32 model)."
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
 def _device(model) -> torch.device:
     "The device of the model's parameters, refusing what is not a module with parameters."
     if not isinstance(model, nn.Module): raise InfluenceTypeError("model must be an nn.Module, got "
@@ -119,8 +123,8 @@ def _device(model) -> torch.device:
     if p is None: raise InfluenceError("the model has no parameters to retrain")
     return p.device
 
-def _check_data(X, y, X_test=None, y_test=None, dev=None) -> tuple:
-    "The tensors on `dev`, after refusing mismatched lengths or shapes and NaN/Inf values (naming the first bad row)."
+def _check_data(X, y, X_test=None, y_test=None, dev=None, dtype=None) -> tuple:
+    "The tensors on `dev` (floating ones in `dtype`), after refusing mismatched or non-finite data (naming the first bad row)."
     sets = [('X', 'y', X, y)] + ([] if X_test is None and y_test is None else [('X_test', 'y_test', X_test, y_test)])
     for nx, ny, a, b in sets:
         for nm, t in ((nx, a), (ny, b)):
@@ -147,7 +151,8 @@ def _check_data(X, y, X_test=None, y_test=None, dev=None) -> tuple:
             if not ok.all():
                 raise NonFiniteError(f"{nm} has a non-finite value (NaN or Inf) in row {int((~ok).nonzero()[0])} "
                                      f"({int((~ok).sum())} rows in all): fix or drop those rows")
-    return tuple(t.to(dev) for t in (X, y, X_test, y_test) if t is not None)
+    cast = lambda t: t.to(dev, dtype) if dtype is not None and t.is_floating_point() else t.to(dev)   # as the model
+    return tuple(cast(t) for t in (X, y, X_test, y_test) if t is not None)
 
 def _check_weights(weights, shape:tuple, dev) -> Tensor:
     "Sample weights of the expected shape, finite, on `dev`."
@@ -187,7 +192,7 @@ def retrain_sequential(model:nn.Module, # trained model at θ* (left untouched)
                       ) -> nn.Module:
     "Retrain a copy of `model` with a plain torch.optim.SGD loop (the sequential reference)."
     dev = _device(model)
-    X, y = _check_data(X, y, dev=dev)
+    X, y = _check_data(X, y, dev=dev, dtype=_float_dtype(model))
     weights = _check_weights(weights, (len(X),), dev)
     m = copy.deepcopy(model).train()
     loss_fn = per_example(loss_fn)
@@ -288,7 +293,7 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
                ) -> tuple[dict, dict]:
     "Run `cfg.steps` SGD steps on a stack of K models at once, each with its own sample weights."
     dev = _device(model)
-    X, y = _check_data(X, y, dev=dev)
+    X, y = _check_data(X, y, dev=dev, dtype=_float_dtype(model))
     n, K = len(X), torch.as_tensor(weights).shape[0]
     weights = _check_weights(weights, (K, n), dev)
     if any(v.shape[0] != K for v in (*params.values(), *buffers.values())):
@@ -358,7 +363,7 @@ def stack_losses(model:nn.Module, params:dict, buffers:dict, # architecture and 
                  fast:bool=True, # use the batched-matmul fast path when the model qualifies
                 ) -> Tensor:
     "Loss of every stacked model on every example, shape (K, m), in eval mode."
-    X, y = _check_data(X, y, dev=_device(model))
+    X, y = _check_data(X, y, dev=_device(model), dtype=_float_dtype(model))
     if not (isinstance(batch_size, int) and batch_size >= 1): raise InfluenceError("batch_size must be an int >= 1, "
                                                                                    f"got {batch_size!r}")
     loss_fn = per_example(loss_fn)
@@ -635,7 +640,7 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
                ) -> LOOResult:
     "Retrain from θ* once per removed index, batched in chunks with a control run each, resumable from `out_dir`."
     dev = _device(model)
-    X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev)
+    X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev, dtype=_float_dtype(model))
     n = len(X)
     removed = as_removed(removed, n)
     if not len(removed):
@@ -720,7 +725,7 @@ def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tenso
                ) -> NoiseFloor:
     "Retrain several controls from θ* that differ only in minibatch order (one stack) and collect their test losses."
     dev = _device(model)
-    X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev)
+    X, y, X_test, y_test = _check_data(X, y, X_test, y_test, dev=dev, dtype=_float_dtype(model))
     seeds = [int(s) for s in seeds]
     if not seeds: raise InfluenceError("seeds is empty: pass at least one minibatch-order seed (two or more for a "
                                        "spread)")

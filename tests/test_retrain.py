@@ -675,3 +675,14 @@ def test_non_finite_chunk_not_stored(tmp_path):
         loo_retrain(nn.Linear(4, 1), X, t, X[:3], t[:3], [2], RetrainConfig(steps=200, lr=5.0), loss_fn=sq,
                     out_dir=tmp_path, progress=False)
     assert not list(tmp_path.glob('chunk_*'))
+
+
+def test_float64_data_with_a_float32_model_is_cast_like_the_engine():
+    "Data in another floating dtype than the model is cast to the model's, as the influence engine does (no raw error)."
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    cfg = RetrainConfig(steps=5, lr=0.1)
+    a = loo_retrain(m, X, y, X[:3], y[:3], [0, 1], cfg, progress=False)
+    b = loo_retrain(m, X.float(), y, X[:3].float(), y[:3], [0, 1], cfg, progress=False)
+    torch.testing.assert_close(a.truth, b.truth, rtol=0, atol=0)
