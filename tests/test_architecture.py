@@ -30,3 +30,16 @@ def test_imports_flow_one_way():
     for i, name in enumerate(ORDER):
         later = package_imports(PKG / f"{name}.py") & set(ORDER[i:])
         assert not later, f"influence_nb.{name} imports {sorted(later)}, which come after it (or itself) in {ORDER}"
+
+
+def test_names_that_left_core_still_import_from_it_with_a_warning():
+    import pytest
+    import influence_nb.core as core
+    from influence_nb import scoring, solvers
+    with pytest.warns(DeprecationWarning, match="moved to influence_nb.scoring.Influence"):
+        assert core.Influence is scoring.Influence
+    with pytest.warns(DeprecationWarning, match="influence_nb.solvers"):
+        from influence_nb.core import ExactSolver
+    assert ExactSolver is solvers.ExactSolver
+    with pytest.raises(AttributeError):
+        getattr(core, "no_such_name")
