@@ -99,6 +99,13 @@ class _EvalMode:
         for m, f in self.flags: m.training = f
 
 
+def _method(cls: type, name: str) -> Callable:
+    "Decorator: attach the function to `cls` as method `name`, so that a class is built one idea per cell."
+    def attach(f):
+        setattr(cls, name, f); return f
+    return attach
+
+
 def _grad_on(fn: Callable) -> Callable:
     "Decorator: run `fn` with autograd enabled, outside inference mode, whatever the caller's context."
     @functools.wraps(fn)
@@ -405,129 +412,114 @@ class _Engine:
         "Number of training examples n."
         return len(self.train.dataset)
 
-    # -- the loss as a function of the flat parameter vector
-    def forward(self, theta: Tensor, x: Tensor):
-        "The model's outputs at flat parameters `theta`."
-        return functional_call(self.model, {**self.fixed, **self.flat.unflatten(theta)}, (x,))
-
-    def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        "Mean of the per-example losses of a batch at flat parameters `theta` (no weight decay)."
-        return self.loss(self.forward(theta, x), y).mean()
-
-    def example_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        "Loss of one example (no batch dimension) at flat parameters `theta`."
-        return self.loss(self.forward(theta, x.unsqueeze(0)), y.unsqueeze(0))[0]
-
-    # -- streaming over data
-    def batches(self, data, name="data"):
-        "Yield (x, y) batches of `data` on the model's device (floating ones in the engine's dtype), each validated."
-        loader = data if isinstance(data, DataLoader) else as_loader(data, self.batch_size, name)
-        if isinstance(data, DataLoader): _check_loader(loader, name)
-        seen = 0
-        for batch in loader:
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
-                raise InfluenceError(f"{name}: each batch must be an (inputs, targets) pair of tensors, got "
-                                     f"{type(batch).__name__}"
-                                     + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                                     + "; wrap the dataset so that it returns (x, y)")
-            x, y = (t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in batch)
-            # made under inference_mode: usable by autograd
-            x, y = (t.clone() if t.is_inference() else t for t in (x, y))
-            if x.shape[0] != y.shape[0]:
-                raise InfluenceError(f"{name}: a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
-            for what, t in (("input", x), ("target", y)):
-                if t.is_floating_point() and not (fin := torch.isfinite(t.reshape(len(t), -1)).all(1)).all():
-                    raise NonFiniteError(f"{name}: example {seen + int((~fin).nonzero()[0])} has a non-finite {what} "
-                                         "(NaN or Inf); influence needs finite data: fix or drop that example")
-            self.loss.check_targets(y, seen, name)
-            if id(loader) not in self._checked:
-                self._check(x, y, name); self._checked.add(id(loader))
-            self._check_classes(y, seen, name)
-            seen += x.shape[0]
-            yield x, y
-        if seen != len(loader.dataset):
-            raise InfluenceError(f"{name}: the data yielded {seen} examples but its dataset has {len(loader.dataset)}; "
-                                 "every example must come exactly once, in order")
-
-    @_grad_on
-    def _check(self, x, y, name):
-        "Validate model and loss on a first batch: they run, deterministically, per example under vmap, finitely."
-        theta = self.theta.detach().requires_grad_(True)
-        try:
-            out = self.forward(theta, x)
-        except Exception as e:
-            raise InfluenceError(f"{name}: the model failed on a batch of inputs of shape {tuple(x.shape)} "
-                                 f"({x.dtype}): {type(e).__name__}: {e}") from e
-        with torch.no_grad(): again = self.forward(self.theta, x)
-        same = lambda a, b: (bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point()
-                             else torch.equal(a, b))
-        if not all(same(a.detach(), b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0])
-                   if isinstance(a, Tensor)):
-            raise InfluenceError(
-                "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
-                "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
-                "deterministic model: use nn.Dropout modules or pass training=self.training")
-        self._n_classes = out.shape[1] if (self.loss.class_indices and isinstance(out, Tensor) and out.dim() >= 2
-                                           and not y.is_floating_point() and y.dim() == out.dim() - 1) else None
-        self._check_classes(y, 0, name)
-        try:
-            per = self.loss.check(out, y)
-        except InfluenceError: raise
-        except Exception as e:
-            raise InfluenceError(f"{name}: loss_fn(model(x), y) failed on a batch with outputs "
-                                 f"{tuple(getattr(out, 'shape', ()))} and targets {tuple(y.shape)} ({y.dtype}): "
-                                 f"{type(e).__name__}: {e}") from e
-        bad = ~torch.isfinite(per.detach())
-        if bad.any():
-            raise NonFiniteError(f"{name}: the loss of example {int(bad.nonzero()[0])} of its first batch is "
-                                 f"{float(per[bad][0])}: check the model and the data")
-        if not per.requires_grad:
-            raise InfluenceError("the loss does not depend on the parameters influence is taken with respect to: does "
-                                 "loss_fn or the model detach the outputs (or call .item(), .numpy(), .tolist())?")
-        try:
-            vmap(grad(self.example_loss), in_dims=(None, 0, 0))(self.theta, x[:2], y[:2])
-        except Exception as e:
-            raise InfluenceError(
-                "the model and loss_fn must run under torch.func.vmap, which evaluates them one example at a time, and "
-                f"they do not: {type(e).__name__}: {str(e).splitlines()[0]}. Common causes: .item() or Python control "
-                "flow on tensor values, F.one_hot on the targets (one-hot encode them in the data instead), in-place "
-                "writes into inputs") from e
-
-    def _check_classes(self, y: Tensor, start: int, name: str):
-        "Refuse class-index targets outside [0, number of outputs), naming the first such example."
-        C = getattr(self, "_n_classes", None)
-        if C is None or y.is_floating_point(): return
-        bad = ((y < 0) | (y >= C)).reshape(len(y), -1).any(1)
-        if bad.any():
-            j = int(bad.nonzero()[0])
-            raise InfluenceError(f"{name}: example {start + j} has target {y[j].tolist()}, outside the model's {C} "
-                                 f"classes [0, {C}): fix the labels or the model's number of outputs")
-
-    @_grad_on
-    def losses(self, data, name="data") -> Tensor:
-        "Per-example losses of `data` at θ* (model in eval mode)."
-        with _EvalMode(self.model), torch.no_grad():
-            out = torch.cat([self.loss(self.forward(self.theta, x), y) for x, y in self.batches(data, name)])
-        _finite_rows(out, name, "loss")
-        return out
-
-    def grads(self, data, name="data"):
-        "Yield per-example loss gradients (B, p) batch by batch (vmap of grad), checking they are finite."
-        f = vmap(grad(self.example_loss), in_dims=(None, 0, 0))
-        seen = 0
-        with torch.inference_mode(False), torch.enable_grad(), _EvalMode(self.model):
-            for x, y in self.batches(data, name):
-                G = f(self.theta, x, y).detach()
-                _finite_rows(G, name, "gradient", seen)
-                seen += x.shape[0]
-                yield G
-
-    @_grad_on
-    def grad_matrix(self, data, name="data") -> Tensor:
-        "All per-example gradients of `data` as one (n, p) matrix (holds n·p numbers: for small sets)."
-        return torch.cat(list(self.grads(data, name)))
 
 
+# %% ../nbs/00_influence.ipynb #af5117ed
+@_method(_Engine, "forward")
+def _engine_forward(self, theta: Tensor, x: Tensor):
+    "The model's outputs at flat parameters `theta`."
+    return functional_call(self.model, {**self.fixed, **self.flat.unflatten(theta)}, (x,))
+
+@_method(_Engine, "batch_loss")
+def _engine_batch_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    "Mean of the per-example losses of a batch at flat parameters `theta` (no weight decay)."
+    return self.loss(self.forward(theta, x), y).mean()
+
+@_method(_Engine, "example_loss")
+def _engine_example_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    "Loss of one example (no batch dimension) at flat parameters `theta`."
+    return self.loss(self.forward(theta, x.unsqueeze(0)), y.unsqueeze(0))[0]
+
+# %% ../nbs/00_influence.ipynb #c5cb1a91
+@_method(_Engine, "batches")
+def _engine_batches(self, data, name="data"):
+    "Yield (x, y) batches of `data` on the model's device (floating ones in the engine's dtype), each validated."
+    loader = data if isinstance(data, DataLoader) else as_loader(data, self.batch_size, name)
+    if isinstance(data, DataLoader): _check_loader(loader, name)
+    seen = 0
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+            raise InfluenceError(f"{name}: each batch must be an (inputs, targets) pair of tensors, got "
+                                 f"{type(batch).__name__}"
+                                 + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                                 + "; wrap the dataset so that it returns (x, y)")
+        x, y = (t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device) for t in batch)
+        # made under inference_mode: usable by autograd
+        x, y = (t.clone() if t.is_inference() else t for t in (x, y))
+        if x.shape[0] != y.shape[0]:
+            raise InfluenceError(f"{name}: a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
+        for what, t in (("input", x), ("target", y)):
+            if t.is_floating_point() and not (fin := torch.isfinite(t.reshape(len(t), -1)).all(1)).all():
+                raise NonFiniteError(f"{name}: example {seen + int((~fin).nonzero()[0])} has a non-finite {what} "
+                                     "(NaN or Inf); influence needs finite data: fix or drop that example")
+        self.loss.check_targets(y, seen, name)
+        if id(loader) not in self._checked:
+            self._check(x, y, name); self._checked.add(id(loader))
+        self._check_classes(y, seen, name)
+        seen += x.shape[0]
+        yield x, y
+    if seen != len(loader.dataset):
+        raise InfluenceError(f"{name}: the data yielded {seen} examples but its dataset has {len(loader.dataset)}; "
+                             "every example must come exactly once, in order")
+
+# %% ../nbs/00_influence.ipynb #ca3cb31a
+@_method(_Engine, "_check")
+@_grad_on
+def _engine_check(self, x, y, name):
+    "Validate model and loss on a first batch: they run, deterministically, per example under vmap, finitely."
+    theta = self.theta.detach().requires_grad_(True)
+    try:
+        out = self.forward(theta, x)
+    except Exception as e:
+        raise InfluenceError(f"{name}: the model failed on a batch of inputs of shape {tuple(x.shape)} "
+                             f"({x.dtype}): {type(e).__name__}: {e}") from e
+    with torch.no_grad(): again = self.forward(self.theta, x)
+    same = lambda a, b: (bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point()
+                         else torch.equal(a, b))
+    if not all(same(a.detach(), b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0])
+               if isinstance(a, Tensor)):
+        raise InfluenceError(
+            "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
+            "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
+            "deterministic model: use nn.Dropout modules or pass training=self.training")
+    self._n_classes = out.shape[1] if (self.loss.class_indices and isinstance(out, Tensor) and out.dim() >= 2
+                                       and not y.is_floating_point() and y.dim() == out.dim() - 1) else None
+    self._check_classes(y, 0, name)
+    try:
+        per = self.loss.check(out, y)
+    except InfluenceError: raise
+    except Exception as e:
+        raise InfluenceError(f"{name}: loss_fn(model(x), y) failed on a batch with outputs "
+                             f"{tuple(getattr(out, 'shape', ()))} and targets {tuple(y.shape)} ({y.dtype}): "
+                             f"{type(e).__name__}: {e}") from e
+    bad = ~torch.isfinite(per.detach())
+    if bad.any():
+        raise NonFiniteError(f"{name}: the loss of example {int(bad.nonzero()[0])} of its first batch is "
+                             f"{float(per[bad][0])}: check the model and the data")
+    if not per.requires_grad:
+        raise InfluenceError("the loss does not depend on the parameters influence is taken with respect to: does "
+                             "loss_fn or the model detach the outputs (or call .item(), .numpy(), .tolist())?")
+    try:
+        vmap(grad(self.example_loss), in_dims=(None, 0, 0))(self.theta, x[:2], y[:2])
+    except Exception as e:
+        raise InfluenceError(
+            "the model and loss_fn must run under torch.func.vmap, which evaluates them one example at a time, and "
+            f"they do not: {type(e).__name__}: {str(e).splitlines()[0]}. Common causes: .item() or Python control "
+            "flow on tensor values, F.one_hot on the targets (one-hot encode them in the data instead), in-place "
+            "writes into inputs") from e
+
+@_method(_Engine, "_check_classes")
+def _engine_check_classes(self, y: Tensor, start: int, name: str):
+    "Refuse class-index targets outside [0, number of outputs), naming the first such example."
+    C = getattr(self, "_n_classes", None)
+    if C is None or y.is_floating_point(): return
+    bad = ((y < 0) | (y >= C)).reshape(len(y), -1).any(1)
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        raise InfluenceError(f"{name}: example {start + j} has target {y[j].tolist()}, outside the model's {C} "
+                             f"classes [0, {C}): fix the labels or the model's number of outputs")
+
+# %% ../nbs/00_influence.ipynb #f1b8d446
 def _finite_rows(T: Tensor, name: str, what: str, start: int = 0):
     "Raise NonFiniteError naming the first example (row of T, counted from `start`) with a NaN or Inf."
     ok = torch.isfinite(T.reshape(len(T), -1)).all(1) if T.dim() else torch.isfinite(T).reshape(1)
@@ -535,6 +527,35 @@ def _finite_rows(T: Tensor, name: str, what: str, start: int = 0):
         j = start + int((~ok).nonzero()[0])
         raise NonFiniteError(f"{name}: the {what} of example {j} is not finite (NaN or Inf): check the model, the loss "
                              "and that example's data")
+
+
+
+@_method(_Engine, "losses")
+@_grad_on
+def _engine_losses(self, data, name="data") -> Tensor:
+    "Per-example losses of `data` at θ* (model in eval mode)."
+    with _EvalMode(self.model), torch.no_grad():
+        out = torch.cat([self.loss(self.forward(self.theta, x), y) for x, y in self.batches(data, name)])
+    _finite_rows(out, name, "loss")
+    return out
+
+@_method(_Engine, "grads")
+def _engine_grads(self, data, name="data"):
+    "Yield per-example loss gradients (B, p) batch by batch (vmap of grad), checking they are finite."
+    f = vmap(grad(self.example_loss), in_dims=(None, 0, 0))
+    seen = 0
+    with torch.inference_mode(False), torch.enable_grad(), _EvalMode(self.model):
+        for x, y in self.batches(data, name):
+            G = f(self.theta, x, y).detach()
+            _finite_rows(G, name, "gradient", seen)
+            seen += x.shape[0]
+            yield G
+
+@_method(_Engine, "grad_matrix")
+@_grad_on
+def _engine_grad_matrix(self, data, name="data") -> Tensor:
+    "All per-example gradients of `data` as one (n, p) matrix (holds n·p numbers: for small sets)."
+    return torch.cat(list(self.grads(data, name)))
 
 # %% ../nbs/00_influence.ipynb #1f8a98a1
 def plain_rows(engine: "_Engine", # the model, loss and flat parameters

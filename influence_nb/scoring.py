@@ -16,7 +16,7 @@ from torch import nn, Tensor
 from torch.func import jvp, vmap
 
 from .core import *
-from .core import _EvalMode, _Engine, _finite_rows, _grad_on
+from .core import _EvalMode, _Engine, _finite_rows, _grad_on, _method
 from .solvers import *
 import influence_nb.ihvp  # noqa: F401  (registers the iterative solvers by name: solver="cg", "lissa", ...)
 
@@ -190,82 +190,90 @@ class Influence(_Engine):
         "The way hvp_mode='auto' chose for several HVPs on one batch, per batch size."
         return self.curvature.hvp_modes
 
-    @_grad_on
-    def solve(self, V: Tensor, # right-hand sides: a vector (p,) or a matrix (k, p)
-             ) -> tuple[Tensor, SolveInfo]:
-        "Solve (H + δI) X = V for the rows of V (p,) or (k, p); returns X and a SolveInfo with the residual."
-        if not isinstance(V, Tensor) or V.dim() not in (1, 2):
-            raise InfluenceError(f"solve needs a vector (p,) or a matrix (k, p) of right-hand sides, got "
-                                 f"{tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__}")
-        single = V.dim() == 1
-        V = (V[None] if single else V).to(self.device, self.dtype)
-        if V.shape[-1] != self.num_params:
-            raise InfluenceError(f"vectors have {V.shape[-1]} entries but the model has {self.num_params} parameters")
-        _finite_rows(V, "solve", "right-hand side")
-        X, info = self.solver.solve(self.curvature, V)
-        _finite_rows(X, f"solver {info.solver}", "solution for right-hand side")
-        return (X[0] if single else X), info
+# %% ../nbs/00c_scoring.ipynb #f3c6be36
+@_method(Influence, "solve")
+@_grad_on
+def _influence_solve(self, V: Tensor, # right-hand sides: a vector (p,) or a matrix (k, p)
+         ) -> tuple[Tensor, SolveInfo]:
+    "Solve (H + δI) X = V for the rows of V (p,) or (k, p); returns X and a SolveInfo with the residual."
+    if not isinstance(V, Tensor) or V.dim() not in (1, 2):
+        raise InfluenceError(f"solve needs a vector (p,) or a matrix (k, p) of right-hand sides, got "
+                             f"{tuple(V.shape) if isinstance(V, Tensor) else type(V).__name__}")
+    single = V.dim() == 1
+    V = (V[None] if single else V).to(self.device, self.dtype)
+    if V.shape[-1] != self.num_params:
+        raise InfluenceError(f"vectors have {V.shape[-1]} entries but the model has {self.num_params} parameters")
+    _finite_rows(V, "solve", "right-hand side")
+    X, info = self.solver.solve(self.curvature, V)
+    _finite_rows(X, f"solver {info.solver}", "solution for right-hand side")
+    return (X[0] if single else X), info
 
-    @_grad_on
-    def scores(self, test, # the test points: (X, y), a map-style Dataset or an in-order DataLoader
-               method: str = "auto", # the scoring pass: 'layer', 'grad', 'jvp', or 'auto' (chosen as described above)
-               return_info: bool = False, # also return the SolveInfo of the solve
-              ):
-        "Predicted change of each test loss on removing each training example, (n_test, n_train): ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j/n."
-        if method not in ("auto", "grad", "jvp", "layer"):
-            raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
-        S, info = self.solve(self.grad_matrix(test, "test"))
-        plan = layer_plan(self) if method in ("auto", "layer") else None
-        if method == "auto": method = "jvp" if S.shape[0] <= 2 else ("layer" if plan is not None else "grad")
-        if method == "layer":
-            if plan is None:
-                raise InfluenceError("method='layer' needs every parameter in an nn.Linear or nn.Conv1d/2d/3d "
-                                     "(groups=1, zero padding); use method='grad' or 'jvp'")
-            with _EvalMode(self.model):
-                batches = self.batches(self.train, "train")
-                rows = self._stack_rows((layer_scores(self, plan, S, x, y) for x, y in batches), S.shape[0])
-        elif method == "grad":
-            rows = self._stack_rows((G @ S.T for G in self.grads(self.train, "train")), S.shape[0])
-        elif method == "jvp":
-            per_ex = vmap(self.example_loss, in_dims=(None, 0, 0))
-            def along(x, y):
-                return vmap(lambda s: jvp(lambda th: per_ex(th, x, y), (self.theta,), (s,))[1])(S).T.detach()
-            with _EvalMode(self.model):
-                rows = self._stack_rows((along(x, y) for x, y in self.batches(self.train, "train")), S.shape[0])
-        else:
-            raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
-        _finite_rows(rows, "train", "score row")
-        out = rows.T / self.num_train()
-        return (out, info) if return_info else out
+# %% ../nbs/00c_scoring.ipynb #9e2913a5
+@_method(Influence, "scores")
+@_grad_on
+def _influence_scores(self, test, # the test points: (X, y), a map-style Dataset or an in-order DataLoader
+           method: str = "auto", # the scoring pass: 'layer', 'grad', 'jvp', or 'auto' (chosen as described above)
+           return_info: bool = False, # also return the SolveInfo of the solve
+          ):
+    "Predicted change of each test loss on removing each training example, (n_test, n_train): ∇ℓ_tᵀ(H+δI)⁻¹∇ℓ_j/n."
+    if method not in ("auto", "grad", "jvp", "layer"):
+        raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
+    S, info = self.solve(self.grad_matrix(test, "test"))
+    plan = layer_plan(self) if method in ("auto", "layer") else None
+    if method == "auto": method = "jvp" if S.shape[0] <= 2 else ("layer" if plan is not None else "grad")
+    if method == "layer":
+        if plan is None:
+            raise InfluenceError("method='layer' needs every parameter in an nn.Linear or nn.Conv1d/2d/3d "
+                                 "(groups=1, zero padding); use method='grad' or 'jvp'")
+        with _EvalMode(self.model):
+            batches = self.batches(self.train, "train")
+            rows = self._stack_rows((layer_scores(self, plan, S, x, y) for x, y in batches), S.shape[0])
+    elif method == "grad":
+        rows = self._stack_rows((G @ S.T for G in self.grads(self.train, "train")), S.shape[0])
+    elif method == "jvp":
+        per_ex = vmap(self.example_loss, in_dims=(None, 0, 0))
+        def along(x, y):
+            return vmap(lambda s: jvp(lambda th: per_ex(th, x, y), (self.theta,), (s,))[1])(S).T.detach()
+        with _EvalMode(self.model):
+            rows = self._stack_rows((along(x, y) for x, y in self.batches(self.train, "train")), S.shape[0])
+    else:
+        raise InfluenceError(f"method must be 'auto', 'grad', 'jvp' or 'layer', got {method!r}")
+    _finite_rows(rows, "train", "score row")
+    out = rows.T / self.num_train()
+    return (out, info) if return_info else out
 
-    def _stack_rows(self, blocks, k: int) -> Tensor:
-        "Per-batch (B, k) blocks as one (n, k) tensor allocated up front, not a list of blocks concatenated at the end."
-        # Kept blocks would sit between each batch's large temporaries and fragment the heap: on LeNet-5 the scoring
-        # pass's resident memory peaked at 1.25 GB that way, at 0.22 GB with the rows written into one tensor.
-        try: n = len(self.train.dataset)
-        except TypeError: return torch.cat(list(blocks))
-        out, i, extra = torch.empty(n, k, dtype=self.dtype, device=self.device), 0, []
-        for b in blocks:
-            if not extra and i + len(b) <= n: out[i:i + len(b)] = b; i += len(b)
-            else: extra.append(b)                  # a sampler that yields more than the dataset's length
-        return torch.cat([out[:i], *extra]) if extra else out[:i]
+@_method(Influence, "_stack_rows")
+def _influence_stack_rows(self, blocks, k: int) -> Tensor:
+    "Per-batch (B, k) blocks as one (n, k) tensor allocated up front, not a list of blocks concatenated at the end."
+    # Kept blocks would sit between each batch's large temporaries and fragment the heap: on LeNet-5 the scoring
+    # pass's resident memory peaked at 1.25 GB that way, at 0.22 GB with the rows written into one tensor.
+    try: n = len(self.train.dataset)
+    except TypeError: return torch.cat(list(blocks))
+    out, i, extra = torch.empty(n, k, dtype=self.dtype, device=self.device), 0, []
+    for b in blocks:
+        if not extra and i + len(b) <= n: out[i:i + len(b)] = b; i += len(b)
+        else: extra.append(b)                  # a sampler that yields more than the dataset's length
+    return torch.cat([out[:i], *extra]) if extra else out[:i]
 
-    @_grad_on
-    def param_changes(self, return_info: bool = False, # also return the SolveInfo of the solve
-                     ):
-        "Predicted parameter change on removing each training example, (n, p): Δθ_j ≈ (H+δI)⁻¹∇ℓ_j / n."
-        X, info = self.solve(self.grad_matrix(self.train, "train"))
-        out = X / self.num_train()
-        return (out, info) if return_info else out
+# %% ../nbs/00c_scoring.ipynb #433fb990
+@_method(Influence, "param_changes")
+@_grad_on
+def _influence_param_changes(self, return_info: bool = False, # also return the SolveInfo of the solve
+                 ):
+    "Predicted parameter change on removing each training example, (n, p): Δθ_j ≈ (H+δI)⁻¹∇ℓ_j / n."
+    X, info = self.solve(self.grad_matrix(self.train, "train"))
+    out = X / self.num_train()
+    return (out, info) if return_info else out
 
-    @_grad_on
-    def self_influence(self, return_info: bool = False, # also return the SolveInfo of the solve
-                      ):
-        "Predicted change of each training example's own loss on its removal, (n,): ∇ℓ_jᵀ(H+δI)⁻¹∇ℓ_j / n."
-        G = self.grad_matrix(self.train, "train")
-        X, info = self.solve(G)
-        out = (G * X).sum(1) / self.num_train()
-        return (out, info) if return_info else out
+@_method(Influence, "self_influence")
+@_grad_on
+def _influence_self_influence(self, return_info: bool = False, # also return the SolveInfo of the solve
+                  ):
+    "Predicted change of each training example's own loss on its removal, (n,): ∇ℓ_jᵀ(H+δI)⁻¹∇ℓ_j / n."
+    G = self.grad_matrix(self.train, "train")
+    X, info = self.solve(G)
+    out = (G * X).sum(1) / self.num_train()
+    return (out, info) if return_info else out
 
 # %% ../nbs/00c_scoring.ipynb #5beb2259
 def influence_scores(model: nn.Module, # the trained model, at θ*
