@@ -4,7 +4,7 @@
 Cells flagged with nbdev's test flags (`#| slow`, `#| notest`, `#| gpu`) and `#| eval: false` are not run: they keep the
 outputs they have (say in the commit which preset those came from). Each notebook runs in a fresh kernel from `nbs/`, as
 nbdev_test runs it; then `nbdev_clean` normalises it. The script fails, and writes nothing, if a cell raises, and it lists
-every output that shows a warning or a local path, which a committed notebook must not carry.
+every output that is stderr or shows a warning or a local path, which a committed notebook must not carry.
 """
 import os, re, subprocess, sys
 from pathlib import Path
@@ -31,6 +31,9 @@ def refresh(path: Path) -> list:
     bad = []
     for i, c in enumerate(nb.cells):
         for o in c.get("outputs", []):
+            if o.get("name") == "stderr" or o.get("output_type") == "error":   # a reader should see neither
+                bad.append((i, f"{o.get('name') or o.get('output_type')}: " + "".join(o.get("text", ""))[:100]))
+                continue
             text = "".join(o.get("text", "")) + "".join(str(v) for k, v in o.get("data", {}).items() if k == "text/plain")
             bad += [(i, line) for line in text.splitlines() if BAD.search(line)]
     write_nb(nb, path)
@@ -44,7 +47,7 @@ if __name__ == "__main__":
         path = (ROOT / p).resolve() if not Path(p).is_absolute() else Path(p)
         bad = refresh(path)
         subprocess.run([Path(sys.executable).with_name("nbdev_clean"), "--fname", str(path)], cwd=ROOT, check=True)
-        print(f"{path.name}: refreshed; {len(bad)} output lines with a warning or a local path")
+        print(f"{path.name}: refreshed; {len(bad)} outputs on stderr or lines with a warning or a local path")
         for i, line in bad: print(f"   cell {i}: {line[:150]}")
         problems += len(bad)
     sys.exit(1 if problems else 0)
