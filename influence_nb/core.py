@@ -99,11 +99,24 @@ class _EvalMode:
         for m, f in self.flags: m.training = f
 
 
+def _nonnegative(name: str, v) -> float:
+    "`v` as a float, or an InfluenceError unless it is a finite number >= 0 (weight decay, damping)."
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+        raise InfluenceError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
 def _method(cls: type, name: str) -> Callable:
     "Decorator: attach the function to `cls` as method `name`, so that a class is built one idea per cell."
     def attach(f):
         setattr(cls, name, f); return f
     return attach
+
+
+def _first_nonfinite(T: Tensor) -> int | None:
+    "Index of the first row of T (first dimension) holding a NaN or Inf, or None when all are finite."
+    bad = ~torch.isfinite(T.reshape(len(T), -1)).all(1) if T.dim() else ~torch.isfinite(T).reshape(1)
+    return int(bad.nonzero()[0]) if bad.any() else None
 
 
 def _grad_on(fn: Callable) -> Callable:
@@ -118,8 +131,10 @@ def _grad_on(fn: Callable) -> Callable:
 def _check_loader(loader: DataLoader, name: str):
     "Refuse a DataLoader whose batches would not visit its dataset once, in order."
     if isinstance(loader.dataset, IterableDataset):
-        raise InfluenceError(f"{name}: the DataLoader wraps an IterableDataset, which has no positions to index scores "
-                             "by (and may never end); pass a map-style Dataset (with __len__ and __getitem__)")
+        raise InfluenceError(f"{name}: an IterableDataset has no positions to index scores by (and may never end); "
+                             "pass a map-style Dataset (with __len__ and __getitem__)")
+    if not hasattr(loader.dataset, "__len__"):
+        raise InfluenceError(f"{name}: the Dataset has no __len__; influence needs to know the number of examples")
     if loader.batch_sampler is None:
         raise InfluenceError(f"{name}: the DataLoader has batch_size=None and yields single unbatched examples; pass "
                              "one with a batch size, e.g. DataLoader(dataset, batch_size=256)")
@@ -148,13 +163,8 @@ def as_loader(data, # an (X, y) pair of tensors or arrays, a map-style Dataset, 
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
         raise InfluenceError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(data, DataLoader):
-        _check_loader(data, name); loader = data
-    elif isinstance(data, IterableDataset):
-        raise InfluenceError(f"{name}: an IterableDataset has no positions to index scores by (and may never end); "
-                             "pass a map-style Dataset (with __len__ and __getitem__)")
+        loader = data
     elif isinstance(data, Dataset):
-        if not hasattr(data, "__len__"):
-            raise InfluenceError(f"{name}: the Dataset has no __len__; influence needs to know the number of examples")
         loader = DataLoader(data, batch_size=batch_size, shuffle=False)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, (Tensor, np.ndarray)) for t in data):
         X, y = (torch.as_tensor(t) for t in data)
@@ -168,6 +178,7 @@ def as_loader(data, # an (X, y) pair of tensors or arrays, a map-style Dataset, 
     else:
         raise InfluenceTypeError(f"{name}: expected an (X, y) pair of tensors, a Dataset or a DataLoader, "
                                  f"got {type(data).__name__}")
+    _check_loader(loader, name)
     if len(loader.dataset) == 0:
         raise InfluenceError(f"{name} is empty: no examples to compute influence on")
     return loader
@@ -350,23 +361,13 @@ def per_example_loss(loss_fn: Callable, # a torch loss module or a function (out
 class _Engine:
     "Model, loss and data as functions of one flat parameter vector; streams batches, per-example losses and gradients."
     @_grad_on
-    def __init__(self, model: nn.Module, loss_fn: Callable, train, *, weight_decay: float = 0., damping: float = 0.,
-                 params=None, batch_size: int = 256, dtype: torch.dtype | None = None, hvp_chunk: int | None = 64,
-                 hessian_data=None, hvp_mode: str = "auto"):
+    def __init__(self, model: nn.Module, loss_fn: Callable, train, *, weight_decay: float = 0., params=None,
+                 batch_size: int = 256, dtype: torch.dtype | None = None, hessian_data=None):
         if not isinstance(model, nn.Module):
             raise InfluenceTypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.loss = per_example_loss(loss_fn)     # the one place per-example losses come from
-        for nm, v in (("weight_decay", weight_decay), ("damping", damping)):
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-                raise InfluenceError(f"{nm} must be a finite number >= 0, got {v!r}")
-        if hvp_chunk is not None and not (isinstance(hvp_chunk, int) and hvp_chunk >= 1):
-            raise InfluenceError(f"hvp_chunk must be an int >= 1 or None, got {hvp_chunk!r}")
-        self.model, self.loss_fn, self.batch_size, self.hvp_chunk = model, loss_fn, batch_size, hvp_chunk
-        if hvp_mode not in ("auto", "vmap", "loop"):
-            raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {hvp_mode!r}")
-        # several HVPs on one batch: vmapped, or looped over the batch's graph ('auto': timed per batch size)
-        self.hvp_mode = hvp_mode
-        self.weight_decay, self._damping = float(weight_decay), float(damping)
+        self.weight_decay = _nonnegative("weight_decay", weight_decay)
+        self.model, self.loss_fn, self.batch_size = model, loss_fn, batch_size
         self.train = as_loader(train, batch_size, "train")
         # the data H is taken over: the training set, or a subset of it (hessian_data) when a full pass is too dear
         self.curv = self.train if hessian_data is None else as_loader(hessian_data, batch_size, "hessian_data")
@@ -403,11 +404,6 @@ class _Engine:
         "Number of parameters influence is taken with respect to (p)."
         return self.flat.numel
 
-    @property
-    def damping(self) -> float:
-        "δ, the damping the engine was built with."
-        return self._damping
-
     def num_train(self) -> int:
         "Number of training examples n."
         return len(self.train.dataset)
@@ -434,8 +430,7 @@ def _engine_example_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
 @_method(_Engine, "batches")
 def _engine_batches(self, data, name="data"):
     "Yield (x, y) batches of `data` on the model's device (floating ones in the engine's dtype), each validated."
-    loader = data if isinstance(data, DataLoader) else as_loader(data, self.batch_size, name)
-    if isinstance(data, DataLoader): _check_loader(loader, name)
+    loader = as_loader(data, self.batch_size, name)
     seen = 0
     for batch in loader:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
@@ -448,10 +443,7 @@ def _engine_batches(self, data, name="data"):
         x, y = (t.clone() if t.is_inference() else t for t in (x, y))
         if x.shape[0] != y.shape[0]:
             raise InfluenceError(f"{name}: a batch has {x.shape[0]} inputs but {y.shape[0]} targets")
-        for what, t in (("input", x), ("target", y)):
-            if t.is_floating_point() and not (fin := torch.isfinite(t.reshape(len(t), -1)).all(1)).all():
-                raise NonFiniteError(f"{name}: example {seen + int((~fin).nonzero()[0])} has a non-finite {what} "
-                                     "(NaN or Inf); influence needs finite data: fix or drop that example")
+        _finite_data(x, y, name, range(seen, seen + len(x)))
         self.loss.check_targets(y, seen, name)
         if id(loader) not in self._checked:
             self._check(x, y, name); self._checked.add(id(loader))
@@ -520,11 +512,18 @@ def _engine_check_classes(self, y: Tensor, start: int, name: str):
                              f"classes [0, {C}): fix the labels or the model's number of outputs")
 
 # %% ../nbs/00_influence.ipynb #f1b8d446
+def _finite_data(x: Tensor, y: Tensor, name: str, examples):
+    "Refuse a batch with a NaN or Inf input or target, naming the example (`examples`: the rows' example numbers)."
+    for what, t in (("input", x), ("target", y)):
+        if t.is_floating_point() and (j := _first_nonfinite(t)) is not None:
+            raise NonFiniteError(f"{name}: example {int(examples[j])} has a non-finite {what} (NaN or Inf); "
+                                 "influence needs finite data: fix or drop that example")
+
+
 def _finite_rows(T: Tensor, name: str, what: str, start: int = 0):
     "Raise NonFiniteError naming the first example (row of T, counted from `start`) with a NaN or Inf."
-    ok = torch.isfinite(T.reshape(len(T), -1)).all(1) if T.dim() else torch.isfinite(T).reshape(1)
-    if not ok.all():
-        j = start + int((~ok).nonzero()[0])
+    if (j := _first_nonfinite(T)) is not None:
+        j += start
         raise NonFiniteError(f"{name}: the {what} of example {j} is not finite (NaN or Inf): check the model, the loss "
                              "and that example's data")
 
@@ -562,9 +561,14 @@ def plain_rows(engine: "_Engine", # the model, loss and flat parameters
               ) -> Callable:
     "H_B v for the rows v of V on a batch, by one vmap over the batch's reverse-over-reverse HVP (no weight decay)."
     def rows(V: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        _, pull = vjp(lambda th: grad(engine.batch_loss)(th, x, y), engine.theta)
-        return vmap(lambda v: pull(v)[0])(V).detach()
+        return vmap(_hvp_fn(engine, x, y))(V).detach()
     return rows
+
+
+def _hvp_fn(engine: "_Engine", x: Tensor, y: Tensor) -> Callable:
+    "v ↦ H_B v for the batch's mean loss at θ* (no weight decay): its graph built once, one backward per vector."
+    _, pull = vjp(lambda th: grad(engine.batch_loss)(th, x, y), engine.theta)
+    return lambda v: pull(v)[0]
 
 # %% ../nbs/00_influence.ipynb #b1412c59
 class Curvature:
@@ -576,13 +580,11 @@ class Curvature:
                  damping: float = 0., # δ: the operator is H + δI
                  rows: Callable | None = None, # H_B V on a batch: plain_rows (default) or an HVPRows autotuner
                  _dense: dict | None = None):
-        for nm, v in (("weight_decay", weight_decay), ("damping", damping)):
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
-                raise InfluenceError(f"{nm} must be a finite number >= 0, got {v!r}")
+        weight_decay, damping = _nonnegative("weight_decay", weight_decay), _nonnegative("damping", damping)
         set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("_engine", engine); set_("_data", data); set_("_rows", rows or plain_rows(engine))
         set_("_dense", {} if _dense is None else _dense)      # the dense H, shared by every damping of this operator
-        set_("_lam", float(weight_decay)); set_("_delta", float(damping)); set_("_n", len(data.dataset))
+        set_("_lam", weight_decay); set_("_delta", damping); set_("_n", len(data.dataset))
 
     def __setattr__(self, k, v):
         raise AttributeError(f"Curvature is immutable: {k} cannot be set; use .with_damping(δ) for another damping")
@@ -683,15 +685,15 @@ class HVPRows:
                 ):
         if mode not in ("auto", "vmap", "loop"):
             raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
+            raise InfluenceError(f"hvp_chunk must be an int >= 1 or None, got {chunk!r}")
         self.engine, self.mode, self.chunk = engine, mode, chunk
         # per batch size: the way kept, its timings, rows per piece
         self.chosen, self.trials, self.piece = {}, {}, {}
 
     def __call__(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
         "H_B v for the rows v of V (k, p) on the batch (x, y): the batch's graph built once, one backward per row."
-        eng = self.engine
-        _, pull = vjp(lambda th: grad(eng.batch_loss)(th, x, y), eng.theta)
-        one = lambda v: pull(v)[0]
+        one = _hvp_fn(self.engine, x, y)
         loop = lambda W: torch.stack([one(v) for v in W])
         if self.mode == "vmap": return vmap(one, chunk_size=self.chunk)(V).detach()
         if self.mode == "loop" or len(V) == 1: return loop(V).detach()

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from .core import *
+from .core import _finite_data
 from .solvers import *
 
 # %% ../nbs/03_ihvp.ipynb #4421fa0b
@@ -278,11 +279,8 @@ def minibatches(op, batch_size: int, generator: torch.Generator):
 
 
 def _checked(op, x: Tensor, y: Tensor, idx: Tensor):
-    "A drawn minibatch as it is, or a NonFiniteError naming the first example with a NaN or Inf input or target."
-    for what, t in (("input", x), ("target", y)):
-        if t.is_floating_point() and not (ok := torch.isfinite(t.reshape(len(t), -1)).all(1)).all():
-            raise NonFiniteError(f"train: example {int(idx[(~ok).nonzero()[0]])} has a non-finite {what} (NaN or Inf); "
-                                 "influence needs finite data: fix or drop that example")
+    "A drawn minibatch as it is, or the engine's NonFiniteError naming its first example with a NaN or Inf."
+    _finite_data(x, y, "train", idx)
     return x, y
 
 
