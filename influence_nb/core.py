@@ -459,21 +459,11 @@ def _engine_batches(self, data, name="data"):
 @_grad_on
 def _engine_check(self, x, y, name):
     "Validate model and loss on a first batch: they run, deterministically, per example under vmap, finitely."
-    theta = self.theta.detach().requires_grad_(True)
     try:
-        out = self.forward(theta, x)
+        with torch.no_grad(): out = self.forward(self.theta, x)          # the whole batch once, without a graph
     except Exception as e:
         raise InfluenceError(f"{name}: the model failed on a batch of inputs of shape {tuple(x.shape)} "
                              f"({x.dtype}): {type(e).__name__}: {e}") from e
-    with torch.no_grad(): again = self.forward(self.theta, x)
-    same = lambda a, b: (bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point()
-                         else torch.equal(a, b))
-    if not all(same(a.detach(), b) for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0])
-               if isinstance(a, Tensor)):
-        raise InfluenceError(
-            "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
-            "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
-            "deterministic model: use nn.Dropout modules or pass training=self.training")
     self._n_classes = out.shape[1] if (self.loss.class_indices and isinstance(out, Tensor) and out.dim() >= 2
                                        and not y.is_floating_point() and y.dim() == out.dim() - 1) else None
     self._check_classes(y, 0, name)
@@ -484,11 +474,23 @@ def _engine_check(self, x, y, name):
         raise InfluenceError(f"{name}: loss_fn(model(x), y) failed on a batch with outputs "
                              f"{tuple(getattr(out, 'shape', ()))} and targets {tuple(y.shape)} ({y.dtype}): "
                              f"{type(e).__name__}: {e}") from e
-    bad = ~torch.isfinite(per.detach())
+    bad = ~torch.isfinite(per)
     if bad.any():
         raise NonFiniteError(f"{name}: the loss of example {int(bad.nonzero()[0])} of its first batch is "
                              f"{float(per[bad][0])}: check the model and the data")
-    if not per.requires_grad:
+    # what does not depend on the batch is checked on a few of its examples: this runs once per pass over data
+    xs, ys = x[:8], y[:8]
+    first = self.forward(self.theta.detach().requires_grad_(True), xs)
+    with torch.no_grad(): again = self.forward(self.theta, xs)
+    same = lambda a, b: (bool(((a == b) | (a.isnan() & b.isnan())).all()) if a.is_floating_point()
+                         else torch.equal(a, b))
+    if not all(same(a.detach(), b) for a, b in zip(tree_flatten(first)[0], tree_flatten(again)[0])
+               if isinstance(a, Tensor)):
+        raise InfluenceError(
+            "the model gives different outputs for the same inputs in eval mode: it draws random numbers (e.g. "
+            "F.dropout(x, p) without training=self.training, or noise added in forward). Influence needs a "
+            "deterministic model: use nn.Dropout modules or pass training=self.training")
+    if not self.loss(first, ys).requires_grad:
         raise InfluenceError("the loss does not depend on the parameters influence is taken with respect to: does "
                              "loss_fn or the model detach the outputs (or call .item(), .numpy(), .tolist())?")
     try:
