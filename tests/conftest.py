@@ -122,3 +122,7 @@ def linear_model(theta):
     with torch.no_grad(): m.weight.copy_(theta[None])
     return m
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run by bench/gpu_check.sh on a GPU machine)")
