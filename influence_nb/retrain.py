@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_ground_truth.ipynb #e4189242
 from __future__ import annotations
-import copy, dis, functools, hashlib, inspect, json, math, numbers, os, sys, types
+import copy, dis, functools, hashlib, inspect, itertools, json, math, numbers, os, sys, types
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from torch.func import functional_call, vmap
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from .core import InfluenceError, InfluenceTypeError, NonFiniteError, PerExampleLoss, per_example_loss
 
 # %% auto #0
-__all__ = ['RemovedIndexError', 'as_removed', 'removal_weights', 'minibatch_order', 'per_example_cross_entropy', 'RetrainConfig',
-           'per_example', 'retrain_sequential', 'stack_state', 'fast_path_layers', 'train_stack', 'stack_losses',
-           'LOOResult', 'loss_fingerprint', 'loss_description', 'loo_retrain', 'NoiseFloor', 'noise_floor',
-           'above_noise']
+__all__ = ['LOOP_MIN_FLOPS', 'RemovedIndexError', 'as_removed', 'removal_weights', 'minibatch_order', 'per_example_cross_entropy',
+           'RetrainConfig', 'per_example', 'retrain_sequential', 'stack_state', 'fast_path_layers', 'stack_path',
+           'train_stack', 'stack_losses', 'LOOResult', 'loss_fingerprint', 'loss_description', 'loo_retrain',
+           'NoiseFloor', 'noise_floor', 'above_noise']
 
 # %% ../nbs/01_ground_truth.ipynb #ef8068e9
 class RemovedIndexError(InfluenceError, IndexError):
@@ -216,7 +217,7 @@ def retrain_sequential(model:nn.Module, # trained model at θ* (left untouched)
 # %% ../nbs/01_ground_truth.ipynb #c5531273
 def stack_state(model:nn.Module, k:int) -> tuple[dict, dict]:
     "Stack `k` copies of the model's trainable parameters and of its buffers (and frozen parameters) along dim 0."
-    rep = lambda t: t.detach().unsqueeze(0).repeat(k, *[1] * t.dim()).clone()
+    rep = lambda t: t.detach().unsqueeze(0).repeat(k, *[1] * t.dim())  # `repeat` copies: no extra clone
     params = {n: rep(p) for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: rep(p) for n, p in model.named_parameters() if not p.requires_grad}
     buffers.update({n: rep(b) for n, b in model.named_buffers()})
@@ -281,6 +282,81 @@ def _chain_losses(loss_fn, outT:Tensor, yb:Tensor, per_model:bool, check:bool=Fa
     return _stack_losses(loss_fn, outT.mT, yb, per_model, check)
 
 # %% ../nbs/01_ground_truth.ipynb #b50daa9a
+LOOP_MIN_FLOPS = 40e6  # forward FLOPs of one model on one minibatch from which a CPU stack trains model by model
+
+def _needs_loop(model:nn.Module) -> bool:
+    "Whether `model` has a layer that cannot train under `vmap` (BatchNorm with momentum=None, a cumulative average)."
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats
+               for m in model.modules())
+
+def _probe_forward(model:nn.Module, X:Tensor) -> tuple[float, bool]:
+    "Forward FLOPs per example and whether the forward draws random numbers (one train-mode pass on 2 examples)."
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    state.update({n: b.clone() for n, b in model.named_buffers()})  # BatchNorm updates copies, not the model
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            before = torch.get_rng_state()
+            with FlopCounterMode(display=False) as fc: functional_call(model, state, (X[:2],))
+            random = not torch.equal(before, torch.get_rng_state())
+    except Exception: return 0.0, True  # the probe itself failed: keep the general path, which reports the error
+    finally: model.train(was_training)
+    return fc.get_total_flops() / len(X[:2]), random
+
+def stack_path(model:nn.Module, # the architecture
+               X:Tensor, # inputs like those the stack will see
+               batch_size:int|None=None, # examples per forward pass of one model (None: all of `X`)
+               per_model:bool=False, # whether every model draws its own minibatches
+               fast:bool=True, # False: always 'vmap'
+              ) -> str:
+    "How a stack runs: 'fast' (batched matmuls, plain MLPs), 'loop' (model by model, big CPU models) or 'vmap'."
+    if not fast: return 'vmap'
+    if fast_path_layers(model, X) is not None: return 'fast'
+    if _needs_loop(model): return 'loop'
+    if _device(model).type != 'cpu': return 'vmap'
+    flops, random = _probe_forward(model, X)
+    B = len(X) if batch_size is None else min(batch_size, len(X))
+    return 'loop' if flops * B >= LOOP_MIN_FLOPS and not (random and per_model) else 'vmap'
+
+# %% ../nbs/01_ground_truth.ipynb #5ecc4d5b
+def _sgd_update(vals:list, grads:list, mom:list|None, cfg:RetrainConfig) -> list|None:
+    "One torch.optim.SGD step on `vals` in place (weight decay, heavy-ball momentum); returns the momentum buffers."
+    with torch.no_grad():
+        if cfg.weight_decay: torch._foreach_add_(grads, vals, alpha=cfg.weight_decay)
+        if cfg.momentum:
+            if mom is None: mom = [g.clone() for g in grads]
+            else: torch._foreach_mul_(mom, cfg.momentum); torch._foreach_add_(mom, grads)
+            grads = mom
+        torch._foreach_add_(vals, grads, alpha=-cfg.lr)
+    return mom
+
+def _train_loop(model, params:dict, buffers:dict, weights:Tensor, X:Tensor, y:Tensor, cfg:RetrainConfig, loss_fn,
+                seeds, finite:Tensor, bar):
+    "The 'loop' path: train the stacked models one after another, in place, with the stack's arithmetic."
+    n, K, dev = len(X), len(weights), X.device
+    cuda = [dev] if dev.type == 'cuda' else []
+    rng = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda]
+    for k in range(K):
+        torch.set_rng_state(rng[0])  # every model starts from the stack's random state (dropout: the same masks)
+        for d, st in zip(cuda, rng[1]): torch.cuda.set_rng_state(st, d)
+        p = {nm: v[k].detach().requires_grad_(True) for nm, v in params.items()}  # views: updates land in the stack
+        b = {nm: v[k] for nm, v in buffers.items()}  # BatchNorm updates its running statistics in place, here too
+        vals, mom = list(p.values()), None
+        order = minibatch_order(n, cfg.batch_size, cfg.steps, cfg.seed if seeds is None else seeds[k])
+        for step, idx in enumerate(order):
+            if idx is None: xb, yb, wb = X, y, weights[k] / n
+            else:
+                idx = idx.to(dev)
+                xb, yb, wb = X[idx], y[idx], weights[k, idx] / len(idx)
+            out = functional_call(model, (p, b), (xb,))
+            if step == 0 and k == 0:  # once, on a real batch: shapes, and that a scalar loss is the plain mean
+                with torch.no_grad(): loss_fn.check(out.detach(), yb)
+            losses = _per_example_shape(loss_fn(out, yb), len(yb))
+            finite[step, k] = torch.isfinite(losses.detach()).all()
+            mom = _sgd_update(vals, list(torch.autograd.grad(losses, vals, wb.to(losses.dtype))), mom, cfg)
+            bar.update()
+
 def train_stack(model:nn.Module, # the architecture (its own tensors are not touched)
                 params:dict, buffers:dict, # stacked state from `stack_state`, updated in place
                 weights:Tensor, # (K, n) sample weights, one row per model
@@ -289,9 +365,9 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
                 loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                 seeds=None, # optional list of K order seeds: each model gets its own minibatch order
                 progress:bool=False, # show a tqdm bar over steps
-                fast:bool=True, # use the batched-matmul fast path when the model qualifies (`fast_path_layers`)
+                fast:bool=True, # take the fastest path `stack_path` knows (fast path, loop or vmap); False forces vmap
                ) -> tuple[dict, dict]:
-    "Run `cfg.steps` SGD steps on a stack of K models at once, each with its own sample weights."
+    "Run `cfg.steps` SGD steps on a stack of K models, each with its own sample weights (together or one by one)."
     dev = _device(model)
     X, y = _check_data(X, y, dev=dev, dtype=_float_dtype(model))
     n, K = len(X), torch.as_tensor(weights).shape[0]
@@ -299,22 +375,40 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
     if any(v.shape[0] != K for v in (*params.values(), *buffers.values())):
         raise InfluenceError(f"weights has {K} rows but the stacked state holds "
                              f"{next(iter(params.values())).shape[0]} models: build it with stack_state(model, {K})")
+    if seeds is not None and len(seeds) != K:
+        raise InfluenceError(f"need one seed per model: got {len(seeds)} for {K} models")
     loss_fn = per_example(loss_fn)
     loss_fn.check_targets(y, 0, 'y')
+    path = stack_path(model, X, cfg.batch_size, per_model=seeds is not None, fast=fast)
+    if path == 'vmap' and _needs_loop(model):
+        raise InfluenceError("the model has BatchNorm with momentum=None (a cumulative average), which cannot train "
+                             "under vmap: pass fast=True (it then trains model by model), or give it a momentum")
     finite = torch.ones(cfg.steps, K, dtype=torch.bool, device=dev)  # per step and model: were all losses finite?
+    was_training = model.training
+    model.train()
+    try:
+        if path == 'loop':
+            with tqdm(total=K * cfg.steps, disable=not progress, leave=False, mininterval=1, desc='steps') as bar:
+                _train_loop(model, params, buffers, weights, X, y, cfg, loss_fn, seeds, finite, bar)
+        else: _train_batched(model, params, buffers, weights, X, y, cfg, loss_fn, seeds, finite, progress,
+                             fast_path_layers(model, X) if path == 'fast' else None)
+    finally: model.train(was_training)
+    _raise_nonfinite(finite, list(params.values()), K)
+    return params, buffers
+
+def _train_batched(model, params:dict, buffers:dict, weights:Tensor, X:Tensor, y:Tensor, cfg:RetrainConfig, loss_fn,
+                   seeds, finite:Tensor, progress:bool, chain):
+    "The 'fast' and 'vmap' paths: every step runs all K models at once, then one update of the whole stack."
+    K, n = weights.shape
     names = list(params)
     vals = [params[k].requires_grad_(True) for k in names]
-    chain = fast_path_layers(model, X) if fast else None
     state = {**buffers, **params}
     w_full = weights / n
     mom = None
     if seeds is None: batches = minibatch_order(n, cfg.batch_size, cfg.steps, cfg.seed)
     else:
-        if len(seeds) != K: raise InfluenceError(f"need one seed per model: got {len(seeds)} for {K} models")
         its = [minibatch_order(n, cfg.batch_size, cfg.steps, s) for s in seeds]
         batches = (None if bs[0] is None else torch.stack(bs) for bs in zip(*its))
-    was_training = model.training
-    model.train()
     try:
         bar = tqdm(batches, total=cfg.steps, disable=not progress, leave=False, mininterval=1, desc='steps')
         for step, idx in enumerate(bar):
@@ -329,26 +423,23 @@ def train_stack(model:nn.Module, # the architecture (its own tensors are not tou
             else: losses = _chain_losses(loss_fn, _chain_forward(chain, state, xb, per_model), yb, per_model, step == 0)
             finite[step] = torch.isfinite(losses.detach()).all(1)  # no sync: read once, after the loop
             grads = list(torch.autograd.grad(losses, vals, wb.to(losses.dtype)))  # gradient of Σ_k Σ_i w_ki ℓ_ki / B
-            with torch.no_grad():
-                if cfg.weight_decay: torch._foreach_add_(grads, vals, alpha=cfg.weight_decay)
-                if cfg.momentum:
-                    if mom is None: mom = [g.clone() for g in grads]
-                    else: torch._foreach_mul_(mom, cfg.momentum); torch._foreach_add_(mom, grads)
-                    grads = mom
-                torch._foreach_add_(vals, grads, alpha=-cfg.lr)
-    finally: model.train(was_training)
-    for v in vals: v.requires_grad_(False)
-    _raise_nonfinite(finite, vals, K)
-    return params, buffers
+            mom = _sgd_update(vals, grads, mom, cfg)
+    finally:
+        for v in vals: v.requires_grad_(False)
+
+def _finite_rows(v:Tensor, K:int) -> Tensor:
+    "Which of the K stacked models have only finite entries in `v`, (K,) bools, a few rows at a time (no K-sized copy)."
+    flat = v.reshape(K, -1)
+    return torch.cat([torch.isfinite(b).all(1) for b in flat.split(max(1, (1 << 22) // max(1, flat.shape[1])))])
 
 def _raise_nonfinite(finite:Tensor, vals:list, K:int):
     "NonFiniteError naming the first step and model row whose training loss (or final parameters) went NaN/Inf."
-    if bool(finite.all()) and all(bool(torch.isfinite(v).all()) for v in vals): return
+    if bool(finite.all()) and all(bool(_finite_rows(v, K).all()) for v in vals): return
     if not bool(finite.all()):
         step, row = (~finite).nonzero()[0].tolist(); what = f"a non-finite training loss at step {step}"
     else:
         step = len(finite) - 1
-        row = int(torch.stack([~torch.isfinite(v.reshape(K, -1)).all(1) for v in vals]).any(0).nonzero()[0])
+        row = int((~torch.stack([_finite_rows(v, K) for v in vals]).all(0)).nonzero()[0])
         what = f"non-finite parameters after the last step ({step})"
     err = NonFiniteError(f"model row {row} of the stack had {what}: {_NONFINITE_FIX}")
     err.step, err.row = step, row
@@ -359,8 +450,8 @@ def _raise_nonfinite(finite:Tensor, vals:list, K:int):
 def stack_losses(model:nn.Module, params:dict, buffers:dict, # architecture and stacked state
                  X:Tensor, y:Tensor, # test inputs and targets
                  loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
-                 batch_size:int=4096, # test examples per forward pass
-                 fast:bool=True, # use the batched-matmul fast path when the model qualifies
+                 batch_size:int=4096, # examples per forward pass, all models together (one model's batch on 'loop')
+                 fast:bool=True, # take the fastest path `stack_path` knows; False forces vmap
                 ) -> Tensor:
     "Loss of every stacked model on every example, shape (K, m), in eval mode."
     X, y = _check_data(X, y, dev=_device(model), dtype=_float_dtype(model))
@@ -368,17 +459,32 @@ def stack_losses(model:nn.Module, params:dict, buffers:dict, # architecture and 
                                                                                    f"got {batch_size!r}")
     loss_fn = per_example(loss_fn)
     loss_fn.check_targets(y, 0, 'y')
-    chain = fast_path_layers(model, X) if fast else None
-    batches = list(zip(X.split(batch_size), y.split(batch_size)))
-    if chain is not None:
+    path = stack_path(model, X, batch_size, fast=fast)
+    if path == 'fast':
         state = {**buffers, **params}
+        chain = fast_path_layers(model, X)
         return torch.cat([_chain_losses(loss_fn, _chain_forward(chain, state, xb, False), yb, False, i == 0)
-                          for i, (xb, yb) in enumerate(batches)], 1)
+                          for i, (xb, yb) in enumerate(zip(X.split(batch_size), y.split(batch_size)))], 1)
+    K = next(iter(params.values())).shape[0]
     was_training = model.training
     model.eval()
-    try: return torch.cat([_stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, False), yb, False, i == 0)
-                           for i, (xb, yb) in enumerate(batches)], 1)
+    try:
+        if path == 'loop': return torch.stack([_model_losses(model, {n: v[k] for n, v in params.items()},
+                                                             {n: v[k] for n, v in buffers.items()}, X, y, loss_fn,
+                                                             batch_size, k == 0) for k in range(K)])
+        per = max(1, batch_size // K)  # K·per examples in flight: the activations of one batch of `batch_size`
+        return torch.cat([_stack_losses(loss_fn, _stack_forward(model, params, buffers, xb, False), yb, False, i == 0)
+                          for i, (xb, yb) in enumerate(zip(X.split(per), y.split(per)))], 1)
     finally: model.train(was_training)
+
+def _model_losses(model, p:dict, b:dict, X:Tensor, y:Tensor, loss_fn, batch_size:int, check:bool) -> Tensor:
+    "Per-example losses (m,) of one model of the stack (the 'loop' path of `stack_losses`)."
+    out = []
+    for i, (xb, yb) in enumerate(zip(X.split(batch_size), y.split(batch_size))):
+        o = functional_call(model, (p, b), (xb,))
+        if check and i == 0: loss_fn.check(o, yb)
+        out.append(_per_example_shape(loss_fn(o, yb), len(yb)))
+    return torch.cat(out)
 
 # %% ../nbs/01_ground_truth.ipynb #bb97253c
 @dataclass
@@ -546,7 +652,14 @@ def _fingerprint(*parts) -> str:
         else: h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
-def _flat(params:dict) -> Tensor: return torch.cat([v.reshape(v.shape[0], -1) for v in params.values()], 1)
+def _param_change(P:dict, P0:dict) -> Tensor:
+    "θ_k - θ* flattened, (K, p), written straight into one tensor (no K × p intermediate)."
+    K = next(iter(P.values())).shape[0]
+    sizes = [v[0].numel() for v in P.values()]
+    out = torch.empty(K, sum(sizes), dtype=next(iter(P.values())).dtype, device=next(iter(P.values())).device)
+    for (nm, v), a, m in zip(P.items(), [0, *itertools.accumulate(sizes)], sizes):
+        torch.sub(v.reshape(K, m), P0[nm].reshape(1, m), out=out[:, a:a + m])
+    return out
 
 def _model_fingerprint(model:nn.Module, P0:dict, B0:dict) -> str:
     "Architecture (repr), which parameters train, θ* and buffers, and the code of user-defined module classes."
@@ -636,7 +749,7 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
                 keep_params:bool=True, # return θ_{-j} - θ* (K × p floats)
                 callback=None, # called as callback(chunk_index, chunk_dict) after each chunk is stored
                 progress:bool=True, # tqdm bars over chunks and steps
-                fast:bool=True, # batched-matmul fast path for plain MLPs (see `fast_path_layers`); False forces vmap
+                fast:bool=True, # the fastest path `stack_path` knows (fast path, loop or vmap); False forces vmap
                ) -> LOOResult:
     "Retrain from θ* once per removed index, batched in chunks with a control run each, resumable from `out_dir`."
     dev = _device(model)
@@ -652,8 +765,7 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
                              f"{chunk_size!r}")
     chunk_size = int(chunk_size)
     P0, B0 = stack_state(model, 1)
-    theta = _flat(P0)[0]
-    dtype = theta.dtype
+    dtype = next(iter(P0.values())).dtype
     starts = range(0, K, chunk_size)
     record = None if out_dir is None else _run_record(model, P0, B0, X, y, X_test, y_test, removed, cfg, chunk_size,
                                                       keep_params, fast, loss_fn)
@@ -686,7 +798,8 @@ def loo_retrain(model:nn.Module, # trained model at θ* (not modified)
             who = 'the control run' if k == 0 else f"the run without training example {int(rem[k - 1])}"
             raise NonFiniteError(f"chunk {c}: after retraining, {who} has a non-finite loss on test point {t}: "
                                  f"{_NONFINITE_FIX}")
-        dtheta = _flat(P) - theta
+        dtheta = _param_change(P, P0) if keep_params else None
+        del P, Bf  # the chunk's K models: free them before the next chunk stacks its own
         res = dict(fingerprint=fp, removed=rem, control_losses=L[0], test_losses=L[1:],
                    control_param_change=dtheta[0] if keep_params else None,
                    param_change=dtheta[1:] if keep_params else None)
@@ -721,7 +834,7 @@ def noise_floor(model:nn.Module, X:Tensor, y:Tensor, X_test:Tensor, y_test:Tenso
                 seeds=(1, 2, 3, 4, 5), # one minibatch order per control run
                 loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
                 progress:bool=False, # show a tqdm bar over steps
-                fast:bool=True, # batched-matmul fast path for plain MLPs; False forces vmap
+                fast:bool=True, # the fastest path `stack_path` knows (fast path, loop or vmap); False forces vmap
                ) -> NoiseFloor:
     "Retrain several controls from θ* that differ only in minibatch order (one stack) and collect their test losses."
     dev = _device(model)

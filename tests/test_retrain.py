@@ -686,3 +686,148 @@ def test_float64_data_with_a_float32_model_is_cast_like_the_engine():
     a = loo_retrain(m, X, y, X[:3], y[:3], [0, 1], cfg, progress=False)
     b = loo_retrain(m, X.float(), y, X[:3].float(), y[:3], [0, 1], cfg, progress=False)
     torch.testing.assert_close(a.truth, b.truth, rtol=0, atol=0)
+
+
+# --- deep BatchNorm nets: conv + BN, torchvision BasicBlock / ResNet-18, the model-by-model loop ------------------
+def conv_bn(momentum=0.1):
+    "conv + BatchNorm + ReLU(inplace) -> pool -> linear, on 3x8x8 images."
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(inplace=True),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def block_net():
+    "A tiny residual net of torchvision BasicBlocks (in-place ReLU and residual add, a strided downsampling block)."
+    from torchvision.models.resnet import BasicBlock
+    down = nn.Sequential(nn.Conv2d(6, 8, 1, 2, bias=False), nn.BatchNorm2d(8))
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                         BasicBlock(6, 6), BasicBlock(6, 8, stride=2, downsample=down),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def images(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.fixture
+def force_loop(monkeypatch):
+    "Every stack that is not a plain MLP trains model by model (the 'loop' path)."
+    monkeypatch.setattr(retrain_mod, 'LOOP_MIN_FLOPS', 0)
+
+
+def assert_stack_is_sequential(net, P, B, W, X, y, cfg, seeds=None, atol=1e-5):
+    "Parameters, BN running statistics, num_batches_tracked and eval losses of every row == retrain_sequential."
+    L = stack_losses(net, P, B, X, y)
+    for k in range(len(W)):
+        c = cfg if seeds is None else RetrainConfig(**{**asdict(cfg), 'seed': seeds[k]})
+        ref = retrain_sequential(net, X, y, W[k], c)
+        S = {**P, **B}  # frozen parameters travel with the buffers
+        for name, p in ref.named_parameters(): torch.testing.assert_close(S[name][k], p.detach(), atol=atol, rtol=atol)
+        for name, b in ref.named_buffers():
+            if b.is_floating_point(): torch.testing.assert_close(B[name][k], b, atol=atol, rtol=atol)
+            else: assert torch.equal(B[name][k], b), name
+        with torch.no_grad(): torch.testing.assert_close(L[k], per_example_cross_entropy(ref.eval()(X), y), atol=atol,
+                                                         rtol=atol)
+
+
+@pytest.mark.parametrize('path', ['vmap', 'loop'])
+@pytest.mark.parametrize('make', [conv_bn, block_net])
+def test_conv_batchnorm_stack_equals_sequential(make, path, monkeypatch):
+    "conv+BN+ReLU(inplace) and a BasicBlock net: the stack == K plain trainings, parameters AND running statistics."
+    if path == 'loop': monkeypatch.setattr(retrain_mod, 'LOOP_MIN_FLOPS', 0)
+    X, y = images()
+    torch.manual_seed(3); net = make()
+    cfg = RetrainConfig(steps=5, lr=0.05, weight_decay=1e-3, momentum=0.9, batch_size=8, seed=1)
+    assert retrain_mod.stack_path(net, X, 8) == path
+    W = removal_weights(24, [0, 13])
+    P, B = stack_state(net, 3)
+    train_stack(net, P, B, W, X, y, cfg)
+    assert_stack_is_sequential(net, P, B, W, X, y, cfg)
+    assert all(int(v.min()) == 5 for k, v in B.items() if k.endswith('num_batches_tracked'))
+    assert not torch.equal(B['1.running_mean'][0], B['1.running_mean'][2])
+    assert net.training and all(int(m.num_batches_tracked) == 0 for m in net.modules()
+                                if isinstance(m, nn.BatchNorm2d))  # the model itself is untouched
+
+
+def test_loop_per_model_seeds_and_frozen_parameters(force_loop):
+    "The loop with per-model minibatch orders (the noise floor) and a frozen layer == the plain loop per seed."
+    X, y = images(20, seed=1)
+    torch.manual_seed(4); net = conv_bn(); net[0].bias.requires_grad_(False)
+    cfg = RetrainConfig(steps=6, lr=0.1, momentum=0.5, batch_size=6)
+    W, seeds = torch.ones(3, 20), [4, 5, 6]
+    P, B = stack_state(net, 3)
+    assert '0.bias' in B and retrain_mod.stack_path(net, X, 6, per_model=True) == 'loop'
+    train_stack(net, P, B, W, X, y, cfg, seeds=seeds)
+    assert_stack_is_sequential(net, P, B, W, X, y, cfg, seeds=seeds)
+    assert torch.equal(B['0.bias'][1], net[0].bias.detach())
+    nf = noise_floor(net, X, y, X[:4], y[:4], cfg, seeds=seeds)
+    torch.testing.assert_close(nf.losses, stack_losses(net, P, B, X[:4], y[:4]), atol=1e-6, rtol=1e-6)
+
+
+def test_cumulative_batchnorm_loops_and_vmap_refuses():
+    "BatchNorm(momentum=None) reads num_batches_tracked as a number, which vmap cannot: it loops, fast=False refuses."
+    X, y = images()
+    torch.manual_seed(0); net = conv_bn(momentum=None)
+    cfg = RetrainConfig(steps=4, lr=0.1, batch_size=8)
+    assert retrain_mod.stack_path(net, X, 8) == 'loop'
+    W = removal_weights(24, [5])
+    P, B = stack_state(net, 2)
+    train_stack(net, P, B, W, X, y, cfg)
+    assert_stack_is_sequential(net, P, B, W, X, y, cfg)
+    with pytest.raises(InfluenceError, match='momentum=None'):
+        train_stack(net, *stack_state(net, 2), W, X, y, cfg, fast=False)
+
+
+def test_loop_dropout_draws_the_shared_stack_masks(force_loop):
+    "Shared minibatches: the loop gives every model the dropout masks of vmap(randomness='same'); per-model: vmap."
+    X, y = data(30)
+    torch.manual_seed(0); net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    cfg = RetrainConfig(steps=6, lr=0.2, batch_size=10, seed=2)
+    assert retrain_mod.stack_path(net, X, 10) == 'loop'
+    assert retrain_mod.stack_path(net, X, 10, per_model=True) == 'vmap'
+    out = []
+    for fast in (True, False):
+        P, B = stack_state(net, 3)
+        torch.manual_seed(7); train_stack(net, P, B, removal_weights(30, [1, 2]), X, y, cfg, fast=fast)
+        out.append(P)
+    for k in out[0]: torch.testing.assert_close(out[0][k], out[1][k], atol=1e-6, rtol=1e-6)
+
+
+def test_loop_non_finite_named(force_loop):
+    "On the loop, an infinite loss is named by chunk, step and run, as on the stack; the run without it is fine."
+    X, y = images(16)
+    y = y.clone(); y[3] = 3  # a label only example 3 has, whose loss is infinite
+    bad = lambda o, t: per_example_cross_entropy(o, t.clamp(max=2)) / (t != 3).float()
+    with pytest.raises(NonFiniteError, match=r'chunk 0, step 0: the control run'):
+        loo_retrain(conv_bn(), X, y, X[4:6], y[4:6], [3], RetrainConfig(steps=3, lr=0.1), loss_fn=bad, progress=False)
+
+
+def test_stack_losses_bounds_examples_in_flight(monkeypatch):
+    "The eval pass holds at most batch_size examples at once: vmap runs batch_size // K per model, the loop one model."
+    X, y = images(30)
+    torch.manual_seed(0); net = conv_bn()
+    P, B = stack_state(net, 5)
+    P = {k: v + 0.01 * torch.randn_like(v) for k, v in P.items()}
+    full = stack_losses(net, P, B, X, y)
+    seen = []
+    real = retrain_mod._stack_forward
+    monkeypatch.setattr(retrain_mod, '_stack_forward', lambda m, p, b, xb, pm: seen.append(len(xb)) or real(m, p, b, xb, pm))
+    torch.testing.assert_close(stack_losses(net, P, B, X, y, batch_size=12), full, atol=1e-6, rtol=1e-6)
+    assert seen and max(seen) * 5 <= 12 and sum(seen) == 30
+    monkeypatch.setattr(retrain_mod, 'LOOP_MIN_FLOPS', 0)
+    torch.testing.assert_close(stack_losses(net, P, B, X, y, batch_size=12), full, atol=1e-6, rtol=1e-6)
+    assert sum(seen) == 30  # the loop did not use vmap
+
+
+def test_resnet18_through_loo_retrain():
+    "torchvision resnet18(num_classes=10) on 3x32x32, two steps, chunked: takes the loop on a CPU, == the plain loop."
+    from torchvision.models import resnet18
+    torch.manual_seed(0)
+    net, X, y = resnet18(num_classes=10), torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    cfg = RetrainConfig(steps=2, lr=0.01, weight_decay=5e-4, momentum=0.9, batch_size=6)
+    assert retrain_mod.stack_path(net, X, 6) == 'loop' and retrain_mod.stack_path(net, X, 6, fast=False) == 'vmap'
+    r = loo_retrain(net, X, y, X[:3], y[:3], [0, 5], cfg, chunk_size=1, keep_params=False, progress=False)
+    assert r.param_change is None and r.test_losses.shape == (2, 3)
+    ref = retrain_sequential(net, X, y, removal_weights(12, [5])[1], cfg).eval()
+    with torch.no_grad(): torch.testing.assert_close(r.test_losses[1], per_example_cross_entropy(ref(X[:3]), y[:3]),
+                                                     atol=1e-4, rtol=1e-4)
