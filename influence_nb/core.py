@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import (DataLoader, Dataset, TensorDataset, IterableDataset, SequentialSampler, BatchSampler)
 from torch.utils._pytree import tree_flatten
 
@@ -115,6 +115,9 @@ def _method(cls: type, name: str) -> Callable:
 
 def _first_nonfinite(T: Tensor) -> int | None:
     "Index of the first row of T (first dimension) holding a NaN or Inf, or None when all are finite."
+    # a sum is finite when every term is (a NaN or an Inf carries through): one cheap reduction on the common path;
+    # only a non-finite sum (a bad entry, or finite entries overflowing) pays the elementwise test
+    if T.is_floating_point() and bool(torch.isfinite(T.sum())): return None
     bad = ~torch.isfinite(T.reshape(len(T), -1)).all(1) if T.dim() else ~torch.isfinite(T).reshape(1)
     return int(bad.nonzero()[0]) if bad.any() else None
 
@@ -614,33 +617,37 @@ class Curvature:
         "V as a (k, p) matrix on the operator's device and dtype, and whether it was a single vector."
         return (V[None] if V.dim() == 1 else V).to(self.device, self.dtype), V.dim() == 1
 
+    # The products below add, scale and check p-long rows in place, on the fresh tensor each batch's rows come in:
+    # on ResNet-18 (11M parameters) every new p-long temporary costs a page-faulting allocation of 45 MB per row.
     @_grad_on
     def hvp(self, V: Tensor) -> Tensor:
         "H v (weight decay included, no damping) for v in V (p,) or (k, p), streamed over the curvature data."
         V, single = self._vectors(V)
-        out, n = torch.zeros_like(V), 0
+        out, n = None, 0
         with _EvalMode(self._engine.model):
             for b, (x, y) in enumerate(self.batches()):
-                out += x.shape[0] * _finite_hvp(self._rows(V, x, y), f"batch {b} (examples {n} to {n + len(x) - 1})")
+                HV = _own(_finite_hvp(self._rows(V, x, y), f"batch {b} (examples {n} to {n + len(x) - 1})"), V)
+                if out is None: out = HV.mul_(x.shape[0])           # the rows' own tensor: fresh, not shared
+                else: out.add_(HV, alpha=x.shape[0])
                 n += x.shape[0]
-        out = out / n + self._lam * V
+        out = out.div_(n).add_(V, alpha=self._lam)
         return out[0] if single else out
 
     def mv(self, V: Tensor) -> Tensor:
         "A v = (H + δI) v for v in V (p,) or (k, p), streamed over the curvature data."
-        return self.hvp(V) + self._delta * V.to(self.device, self.dtype)
+        return self.hvp(V).add_(V.to(self.device, self.dtype), alpha=self._delta)
 
     @_grad_on
     def batch_hvp(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
         "H_B v on one minibatch (its mean loss + weight decay, no damping), for v in V (p,) or (k, p)."
         V, single = self._vectors(V)
         with _EvalMode(self._engine.model):
-            out = _finite_hvp(self._rows(V, x, y), f"a minibatch of {x.shape[0]}") + self._lam * V
+            out = _own(_finite_hvp(self._rows(V, x, y), f"a minibatch of {x.shape[0]}"), V).add_(V, alpha=self._lam)
         return out[0] if single else out
 
     def batch_mv(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
         "(H_B + δI) v on one minibatch: LiSSA's stochastic estimate of A v."
-        return self.batch_hvp(V, x, y) + self._delta * V.to(self.device, self.dtype)
+        return self.batch_hvp(V, x, y).add_(V.to(self.device, self.dtype), alpha=self._delta)
 
     @_grad_on
     def hessian(self, chunk: int = 256) -> Tensor:
@@ -663,9 +670,14 @@ class Curvature:
         return f"Curvature(p={self.size}, λ={self._lam:g}, δ={self._delta:g}, n={self._n}, {self.dtype})"
 
 
+def _own(HV: Tensor, V: Tensor) -> Tensor:
+    "HV, or a copy of it if it shares memory with V (autograd may hand back its input unchanged), to work on in place."
+    return HV.clone() if HV.untyped_storage().data_ptr() == V.untyped_storage().data_ptr() else HV
+
+
 def _finite_hvp(HV: Tensor, where: str) -> Tensor:
     "HV as it is, or a NonFiniteError naming where its Hessian-vector product is NaN or Inf."
-    if not torch.isfinite(HV).all():
+    if _first_nonfinite(HV) is not None:
         raise NonFiniteError(f"the Hessian-vector product over {where} is not finite (NaN or Inf): the loss or its "
                              "curvature is not finite there; check those examples' losses and the model")
     return HV
@@ -679,22 +691,32 @@ def as_curvature(obj) -> Curvature:
     raise InfluenceTypeError(f"expected a Curvature or an Influence, got {type(obj).__name__}")
 
 # %% ../nbs/00_influence.ipynb #ce8e1f34
+def _revfwd_fn(engine: "_Engine", x: Tensor, y: Tensor) -> Callable:
+    "v ↦ H_B v by reverse-over-forward: the gradient at θ* of the batch's directional derivative ∇ℓ̄_B·v."
+    along = lambda th, v: jvp(lambda t: engine.batch_loss(t, x, y), (th,), (v,))[1]
+    return lambda v: grad(along)(engine.theta, v)
+
+# %% ../nbs/00_influence.ipynb #20c19fe8
 class HVPRows:
-    "Rows H_B v of one batch's mean-loss Hessian (no weight decay), by reverse-over-reverse, vmapped or looped."
+    "Rows H_B v of one batch's mean-loss Hessian (no weight decay): reverse-over-reverse vmapped or looped, or revfwd."
+    MODES = ("auto", "vmap", "loop", "revfwd")
     def __init__(self, engine: "_Engine", # the model, loss and flat parameters
-                 mode: str = "auto", # 'vmap', 'loop', or 'auto' (timed per batch size)
+                 mode: str = "auto", # 'vmap', 'loop', 'revfwd' (reverse-over-forward per row), or 'auto' (timed)
                  chunk: int | None = 64, # most rows vmapped at once
                 ):
-        if mode not in ("auto", "vmap", "loop"):
-            raise InfluenceError(f"hvp_mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        if mode not in self.MODES:
+            raise InfluenceError(f"hvp_mode must be 'auto', 'vmap', 'loop' or 'revfwd', got {mode!r}")
         if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
             raise InfluenceError(f"hvp_chunk must be an int >= 1 or None, got {chunk!r}")
         self.engine, self.mode, self.chunk = engine, mode, chunk
-        # per batch size: the way kept, its timings, rows per piece
+        # per batch size: the way kept for several rows, its timings, rows per piece; the way kept for one row, timings
         self.chosen, self.trials, self.piece = {}, {}, {}
+        self.single_modes, self.single_trials = {}, {}
 
     def __call__(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
         "H_B v for the rows v of V (k, p) on the batch (x, y): the batch's graph built once, one backward per row."
+        if self.mode == "revfwd": return self.revfwd(V, x, y)
+        if self.mode == "auto" and len(V) == 1: return self._one_row(V, x, y)
         one = _hvp_fn(self.engine, x, y)
         loop = lambda W: torch.stack([one(v) for v in W])
         if self.mode == "vmap": return vmap(one, chunk_size=self.chunk)(V).detach()
@@ -720,11 +742,45 @@ class HVPRows:
                 trials[mode].append((time.perf_counter() - t0) / (b - a))      # seconds per row
                 # the best of four per way: warm-up (a fresh process's first vmapped calls can take twice as long)
                 # and page faults of fresh allocations only ever make a timing slower
-                if min(map(len, trials.values())) >= 4:
-                    best = {m: min(t) for m, t in trials.items()}
+                best = {m: min(t) for m, t in trials.items() if t}
+                if len(best) == 2 and best["vmap"] > 2.5 * best["loop"]:
+                    self.chosen[B] = "loop"          # slower even if warm-up doubled its timing: no more trials
+                elif min(map(len, trials.values())) >= 4:
                     # vmap holds several rows' intermediates at once: take it when clearly faster
                     self.chosen[B] = "vmap" if best["vmap"] < 0.9 * best["loop"] else "loop"
         return torch.cat(out).detach()
+
+    def revfwd(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        "H_B v for the rows v of V by reverse-over-forward, one row at a time (nothing shared between rows)."
+        one = _revfwd_fn(self.engine, x, y)
+        try:
+            return one(V[0]).detach()[None] if len(V) == 1 else torch.stack([one(v) for v in V]).detach()
+        except (RuntimeError, NotImplementedError) as e:
+            if self.mode != "revfwd": raise
+            raise InfluenceError(
+                "hvp_mode='revfwd' differentiates a forward-mode derivative (jvp) of the loss, which this model or "
+                f"loss does not support: {type(e).__name__}: {str(e).splitlines()[0]}. Use hvp_mode='loop' (or "
+                "'auto', which falls back to it)") from e
+
+    def _one_row(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        "'auto' on one row: reverse-over-reverse ('loop') or reverse-over-forward ('revfwd'), timed per batch size."
+        B = x.shape[0]
+        run = {"loop": lambda: _hvp_fn(self.engine, x, y)(V[0]).detach()[None], "revfwd": lambda: self.revfwd(V, x, y)}
+        if B in self.single_modes: return run[self.single_modes[B]]()
+        trials = self.single_trials.setdefault(B, {"loop": [], "revfwd": []})
+        way = min(trials, key=lambda m: len(trials[m]))            # alternate, the loop first
+        t0 = time.perf_counter()
+        try:
+            out = run[way]()
+        except (RuntimeError, NotImplementedError):
+            if way == "loop": raise
+            self.single_modes[B] = "loop"            # no forward-mode derivative somewhere in the model or loss
+            return run["loop"]()
+        trials[way].append(time.perf_counter() - t0)
+        if min(map(len, trials.values())) >= 3:
+            best = {m: min(t) for m, t in trials.items()}
+            self.single_modes[B] = "revfwd" if best["revfwd"] < 0.9 * best["loop"] else "loop"
+        return out
 
     def piece_rows(self, x: Tensor, y: Tensor) -> int:
         "Rows per vmapped piece of 'auto' on a batch of this size: about 64 MB of its saved activations (2 to chunk)."
