@@ -59,7 +59,7 @@ def test_cifar10_from_a_fixture_in_the_real_format(tmp_path):
     Xte = torch.randint(0, 256, (20, 3, 32, 32), generator=g, dtype=torch.uint8).numpy()
     ytr, yte = np.arange(60) % 10, np.arange(20) % 10
     write_cifar10(tmp_path / "data", Xtr, ytr, Xte, yte)
-    cfg = DeepConfig.from_preset("quick", pairs=("cifar10:lenet",), root=str(tmp_path / "data"), sizes={},
+    cfg = DeepConfig.from_preset("quick", datasets=("cifar10",), archs=("lenet",), root=str(tmp_path / "data"), sizes={},
                                  estimators=("cg",), noise_seeds=0, k=4)
     s = run_deep_study(cfg, tmp_path / "out", progress=False)
     r = s.runs["cifar10-lenet-wd0.001"]
