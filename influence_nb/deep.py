@@ -8,7 +8,7 @@ __all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'DEEP', 'DeepConfig', 'train_steps', 
            'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'table1', 'table2', 'plot_top_influential',
            'step_seconds', 'project']
 
-# %% ../nbs/06_deep.ipynb #34249755
+# %% ../nbs/06_deep.ipynb #268ce663
 import math, platform, re, time, warnings
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -27,7 +27,7 @@ from .ihvp import CGSolver, LissaSolver, LissaDivergence
 from .scoring import Influence
 from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_study, run_study
 
-# %% ../nbs/06_deep.ipynb #4a343a01
+# %% ../nbs/06_deep.ipynb #e5f7b328
 def _row(*v): return {k: dict(pearson=v[2 * i], spearman=v[2 * i + 1]) for i, k in enumerate(("A_wd", "B_wd", "A_nowd"))}
 
 PAPER_TABLE1 = {  # Basu et al. 2021, Table 1: architecture -> data set -> selection -> P, S
@@ -45,7 +45,7 @@ PAPER_TABLE2 = {  # Basu et al. 2021, Table 2 (Appendix C): seconds of influence
     "resnet18": {"mnist": (960.08, 4.67), "cifar10": (910.58, 8.49)},
     "resnet50": {"mnist": (4323.13, 8.26), "cifar10": (3857.66, 21.6)}}
 
-# %% ../nbs/06_deep.ipynb #aa5623c8
+# %% ../nbs/06_deep.ipynb #da2fe8a6
 @dataclass
 class DeepConfig(StudyConfig):
     "The deep-architecture study (paper §5.3, Tables 1-2): data, models, training, selection, estimators; see `PRESETS`."
@@ -73,8 +73,9 @@ class DeepConfig(StudyConfig):
     lissa: dict = field(default_factory=lambda: dict(depth=5000, repeats=1, batch_size=128))
     cg: dict = field(default_factory=lambda: dict(tol=1e-3, max_iter=100))
     engine_batch: int = 256              # examples per batch of the engine's passes
-    hvp_mode: str = "revfwd"             # one fixed way to take HVPs ('auto' times the ways and keeps the faster, which
-                                         # changes float32 results by ~1e-6 between runs: a resumed run must not)
+    hvp_mode: str = "revfwd"             # one fixed way to take CG's and LiSSA's HVPs ('auto' times the ways and keeps the
+                                         # faster, which moves float32 results by ~1e-6 between runs: a resume must not);
+                                         # the exact Hessian's rows are always vmapped
     retrain_chunk: int | None = None     # leave-one-out retrains per stack (None: all at once)
     noise_seeds: int = 3                 # control retrains with other minibatch orders (0: no noise floor)
     device: str = "auto"                 # 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...
@@ -101,7 +102,7 @@ class DeepConfig(StudyConfig):
         bad = lambda r: len(r) != 2 or r[0] not in DATASETS or r[1] not in ARCHS     # kept, to be refused by name
         return [r for r in (tuple(p.split(":")) for p in self.pairs) if bad(r) or r in grid]
 
-# %% ../nbs/06_deep.ipynb #2722d642
+# %% ../nbs/06_deep.ipynb #672772ce
 def _check_runs(cfg: DeepConfig) -> list:
     "The configuration's pairs, each checked against the known data sets and architectures."
     runs = cfg.runs()
@@ -113,7 +114,7 @@ def _check_runs(cfg: DeepConfig) -> list:
                                       f"{list(cfg.datasets)} × archs {list(cfg.archs)}")
     return runs
 
-# %% ../nbs/06_deep.ipynb #a54ef294
+# %% ../nbs/06_deep.ipynb #c03e7ed0
 def train_steps(cfg: DeepConfig, # the configuration
                 n: int, # training points
                ) -> tuple[int, int]:
@@ -150,7 +151,7 @@ def train_model(cfg: DeepConfig, # the configuration
     rc = RetrainConfig(steps, cfg.lr, weight_decay, cfg.momentum, cfg.batch_size, cfg.seed)
     return retrain_sequential(m, data.X_train, data.y_train, torch.ones(len(data.y_train)), rc, progress=progress).eval()
 
-# %% ../nbs/06_deep.ipynb #9ddeb4c6
+# %% ../nbs/06_deep.ipynb #2b2d4e15
 @torch.no_grad()
 def test_losses(model: nn.Module, # a trained model (put in eval mode)
                 X: Tensor, y: Tensor, # test images and labels
@@ -169,7 +170,7 @@ def pick_tests(losses: Tensor, # test losses
     if with_decay: out["B"] = loss_percentile(losses, 50)
     return out
 
-# %% ../nbs/06_deep.ipynb #e3916703
+# %% ../nbs/06_deep.ipynb #03667bf6
 @dataclass
 class Estimate(Record):
     "One estimator's scores of a model's test points: time, solve quality, or why it failed."
@@ -215,12 +216,15 @@ def estimate(model: nn.Module, # the trained model at θ* (eval mode)
         try:
             inf = (Influence(model, nn.CrossEntropyLoss(), (data.X_train, data.y_train), weight_decay=weight_decay,
                              damping=damping, solver=_solver(name, cfg, progress), batch_size=cfg.engine_batch,
-                             hvp_mode=cfg.hvp_mode)
+                             hvp_mode="vmap" if name == "exact" else cfg.hvp_mode)   # H's rows: vmapped
                    if inf is None else inf.with_damping(damping))
             t1 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 S, info = inf.scores((data.X_test[tests], data.y_test[tests]), return_info=True)
+            lo = info.details.get("min_eigenvalue")      # the exact solve proceeds on an indefinite H + δI: not here
+            if lo is not None and lo <= 0:
+                raise HessianNotPositiveDefinite(f"H + δI has eigenvalue {lo:.3e}: pass damping > {damping - lo:.2e}")
             break
         except (HessianNotPositiveDefinite, LissaDivergence) as e:   # negative curvature: raise δ, as far as allowed
             if damping >= cfg.max_damping:
@@ -231,7 +235,7 @@ def estimate(model: nn.Module, # the trained model at θ* (eval mode)
     t2 = time.perf_counter()
     return Estimate(name, t2 - t0, (t2 - t1) / len(tests), info.residual, info.iterations, info.damping), S.double()
 
-# %% ../nbs/06_deep.ipynb #1ab27d4e
+# %% ../nbs/06_deep.ipynb #3292fb2c
 @dataclass
 class DeepSelection(Record):
     "Influence vs retraining for one test point (A or B) of one model."
@@ -269,12 +273,12 @@ class DeepRun(Record):
     retrain_seconds: float
     n_retrained: int
 
-# %% ../nbs/06_deep.ipynb #b6af3e79
+# %% ../nbs/06_deep.ipynb #d14f9b23
 def _corr(pred, truth) -> dict:
     "Pearson and Spearman with 95% bootstrap intervals, as plain numbers."
     return {k: dict(r=c.r, low=c.low, high=c.high) for k, c in compare(pred, truth, n_boot=1000).items()}
 
-# %% ../nbs/06_deep.ipynb #01e48408
+# %% ../nbs/06_deep.ipynb #e1b17a32
 def _retrain(model, data, cfg, wd, tests: list, removed: list, folder, key, retrain_steps, progress=False):
     "Leave-one-out truths for `removed` on `tests`, and the noise floor's std per test point (or None)."
     rc = RetrainConfig(retrain_steps, cfg.lr, wd, cfg.momentum, cfg.batch_size, cfg.seed + 1)
@@ -340,7 +344,7 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
             None if noise is None else float((truth.abs() > 2 * noise).double().mean()), top))
     return replace(run, selected_by=by, selections=out, retrain_seconds=retrain_s, n_retrained=len(removed))
 
-# %% ../nbs/06_deep.ipynb #1a44b565
+# %% ../nbs/06_deep.ipynb #b027b71e
 def _key(d: str, a: str, wd: float) -> str: return f"{d}-{a}-wd{wd:g}"
 
 @dataclass
@@ -363,7 +367,7 @@ def hardware() -> str:
         dev = f"{cpu}, {os.cpu_count()} cores"
     return f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
-# %% ../nbs/06_deep.ipynb #9029cc83
+# %% ../nbs/06_deep.ipynb #011c7075
 class DeepStudy(Study):
     "The deep-architecture study on the study skeleton: one unit per data set, architecture and weight decay."
     name, help = "deep", "LeNet, VGG and ResNets on MNIST, Fashion-MNIST, CIFAR-10 (paper Section 5.3, Tables 1-2)"
@@ -421,7 +425,7 @@ def run_deep_study(cfg: DeepConfig | None = None, # the configuration (default: 
     "Run the deep study for every pair and weight decay; models, runs and retrains in `out` are reused on rerun."
     return run_study(DEEP, cfg, out, progress)
 
-# %% ../nbs/06_deep.ipynb #4c0db34a
+# %% ../nbs/06_deep.ipynb #c7871548
 _SEL = (("A", True, "A_wd", "A (decay)"), ("B", True, "B_wd", "B (decay)"), ("A", False, "A_nowd", "A (no decay)"))
 
 def _cell(run, label) -> dict | None:
@@ -467,7 +471,7 @@ def table2(summary, # a DeepSummary or its results.json
                          + (f"{p[0]:.1f} ± {p[1]:.1f}" if p else "–") + " |")
     return "\n".join(lines) + f"\n\nOurs on {s['hardware']}; the paper does not name its hardware."
 
-# %% ../nbs/06_deep.ipynb #7bc4261e
+# %% ../nbs/06_deep.ipynb #d2ec8512
 def plot_top_influential(summary, # a DeepSummary or its results.json
                          key: str | None = None, # the run (default: the first with weight decay)
                          label: str = "A", # the test point: 'A' or 'B'
@@ -495,7 +499,7 @@ def plot_top_influential(summary, # a DeepSummary or its results.json
     if folder is not None: StudyDir(folder).save_figure(fig, f"top5-{key}-{label}")
     return fig
 
-# %% ../nbs/06_deep.ipynb #202a8710
+# %% ../nbs/06_deep.ipynb #fce8ef22
 def step_seconds(arch: str, # the architecture
                  in_shape: tuple, # (C, H, W)
                  width: float, # channel multiplier
