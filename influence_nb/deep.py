@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'DEEP', 'DeepConfig', 'train_steps', 'device_of', 'new_model', 'train_model',
-           'test_losses', 'pick_tests', 'Estimate', 'estimate', 'DeepSelection', 'DeepRun', 'evaluate_run',
-           'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'table1', 'table2', 'plot_top_influential',
-           'step_seconds', 'project']
+           'test_logits', 'test_losses', 'pick_tests', 'Estimate', 'estimate', 'DeepSelection', 'DeepRun',
+           'evaluate_run', 'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'table1', 'table2',
+           'plot_top_influential', 'step_seconds', 'project']
 
 # %% ../nbs/06_deep.ipynb #268ce663
 import math, platform, re, time, warnings
@@ -20,7 +20,7 @@ from torch import nn, Tensor
 from .core import InfluenceError, HessianNotPositiveDefinite
 from .data import DATASETS, ImageData, load_images
 from .models import ARCHS, make_model, num_params
-from .metrics import compare, top_k, highest_loss, loss_percentile
+from .metrics import compare_numbers, top_k, highest_loss, loss_percentile
 from .retrain import RetrainConfig, retrain_sequential, loo_retrain, noise_floor
 from .solvers import ExactSolver
 from .ihvp import CGSolver, LissaSolver, LissaDivergence
@@ -153,14 +153,20 @@ def train_model(cfg: DeepConfig, # the configuration
 
 # %% ../nbs/06_deep.ipynb #2b2d4e15
 @torch.no_grad()
+def test_logits(model: nn.Module, # a trained model (put in eval mode)
+                X: Tensor, # test images
+                batch_size: int = 512, # examples per forward pass
+               ) -> Tensor:
+    "The model's outputs on every test point, in eval mode, on the CPU."
+    model.eval(); dev = next(model.parameters()).device
+    return torch.cat([model(xb.to(dev)).cpu() for xb in X.split(batch_size)])
+
 def test_losses(model: nn.Module, # a trained model (put in eval mode)
                 X: Tensor, y: Tensor, # test images and labels
                 batch_size: int = 512, # examples per forward pass
                ) -> Tensor:
     "Per-example cross-entropy of every test point, in eval mode."
-    model.eval(); dev = next(model.parameters()).device
-    return torch.cat([nn.functional.cross_entropy(model(xb.to(dev)), yb.to(dev), reduction="none").cpu()
-                      for xb, yb in zip(X.split(batch_size), y.split(batch_size))])
+    return nn.functional.cross_entropy(test_logits(model, X, batch_size), y, reduction="none")
 
 def pick_tests(losses: Tensor, # test losses
                with_decay: bool, # the protocol takes B only with weight decay
@@ -273,11 +279,6 @@ class DeepRun(Record):
     retrain_seconds: float
     n_retrained: int
 
-# %% ../nbs/06_deep.ipynb #d14f9b23
-def _corr(pred, truth) -> dict:
-    "Pearson and Spearman with 95% bootstrap intervals, as plain numbers."
-    return {k: dict(r=c.r, low=c.low, high=c.high) for k, c in compare(pred, truth, n_boot=1000).items()}
-
 # %% ../nbs/06_deep.ipynb #e1b17a32
 def _retrain(model, data, cfg, wd, tests: list, removed: list, folder, key, retrain_steps, progress=False):
     "Leave-one-out truths for `removed` on `tests`, and the noise floor's std per test point (or None)."
@@ -291,13 +292,6 @@ def _retrain(model, data, cfg, wd, tests: list, removed: list, folder, key, retr
         std = nf.std
     return loo, std
 
-@torch.no_grad()
-def _accuracy(model, X, y, batch_size=512) -> float:
-    "Test accuracy in eval mode."
-    model.eval(); dev = next(model.parameters()).device
-    return float(torch.cat([model(xb.to(dev)).argmax(1).cpu() == yb for xb, yb in zip(X.split(batch_size),
-                                                                                   y.split(batch_size))]).double().mean())
-
 def evaluate_run(model: nn.Module, # the trained model at θ*
                  data: ImageData, # its data set
                  cfg: DeepConfig, # the configuration
@@ -307,7 +301,8 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
                  progress: bool = False, # bars over retraining
                 ) -> DeepRun:
     "The §5.3 protocol on one trained model: test points, every estimator, top-k, retraining, correlations."
-    losses = test_losses(model, data.X_test, data.y_test)
+    logits = test_logits(model, data.X_test)        # one pass: the test losses and the accuracy
+    losses = nn.functional.cross_entropy(logits, data.y_test, reduction="none")
     picks = pick_tests(losses, weight_decay > 0)
     tests = list(picks.values())
     est, scores = {}, {}
@@ -315,7 +310,7 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
         est[name], S = estimate(model, data, cfg, weight_decay, tests, name, progress)
         if S is not None: scores[name] = S
     steps, rsteps = train_steps(cfg, len(data.y_train))
-    acc = _accuracy(model, data.X_test, data.y_test)
+    acc = float((logits.argmax(1) == data.y_test).double().mean())
     run = DeepRun(data.name, arch, weight_decay, data.source, num_params(model), cfg.widths.get(arch, cfg.width), steps,
                   rsteps, acc, None, "", est, [], 0., 0)
     if not scores: return run       # no estimator succeeded: the record says why, and the tables show a dash
@@ -332,14 +327,14 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
         rows = [row[j] for j in sel[lab]]
         truth, truth_c = loo.truth[rows, a], loo.truth_controlled[rows, a]
         pred = {k: S[a, sel[lab]] for k, S in scores.items()}
+        corr = {k: compare_numbers(v, truth) for k, v in pred.items()}   # Pearson and Spearman, 95% bootstrap
         noise = None if std is None else float(std[a])
         top = [[int(i), float(scores[by][a, i]), int(data.y_train[i])] for i in sel[lab][:5]]
         out.append(DeepSelection(
             lab, t, float(losses[t]), sel[lab], truth.tolist(), truth_c.tolist(),
             {k: v.tolist() for k, v in pred.items()},
-            {k: _corr(v, truth)["pearson"] for k, v in pred.items()},
-            {k: _corr(v, truth)["spearman"] for k, v in pred.items()},
-            {k: _corr(v, truth_c) for k, v in pred.items()},
+            {k: c["pearson"] for k, c in corr.items()}, {k: c["spearman"] for k, c in corr.items()},
+            {k: compare_numbers(v, truth_c) for k, v in pred.items()},
             float(loo.control_losses[a] - loo.base_losses[a]), noise,
             None if noise is None else float((truth.abs() > 2 * noise).double().mean()), top))
     return replace(run, selected_by=by, selections=out, retrain_seconds=retrain_s, n_retrained=len(removed))

@@ -9,8 +9,8 @@ import numpy as np
 from scipy import stats
 
 # %% auto #0
-__all__ = ['Correlation', 'correlation', 'compare', 'top_k', 'top_fraction', 'percentile_band', 'highest_loss', 'loss_percentile',
-           'plot_agreement']
+__all__ = ['Correlation', 'correlation', 'compare', 'compare_numbers', 'top_k', 'top_fraction', 'percentile_band', 'highest_loss',
+           'loss_percentile', 'plot_agreement']
 
 # %% ../nbs/02_metrics.ipynb #d1ce3af1
 def _vec(x) -> np.ndarray:
@@ -71,6 +71,11 @@ def correlation(pred, truth, # estimates and retrained truths, same length
 def compare(pred, truth, n_boot:int=2000, ci:float=0.95, seed:int=0) -> dict:
     "Pearson and Spearman correlations (with bootstrap intervals) of estimates against truths."
     return {m: correlation(pred, truth, m, n_boot, ci, seed) for m in ('pearson', 'spearman')}
+
+# %% ../nbs/02_metrics.ipynb #7ffc90b4
+def compare_numbers(pred, truth, n_boot:int=1000, ci:float=0.95, seed:int=0) -> dict:
+    "`compare` as plain numbers: {'pearson': {r, low, high}, 'spearman': {r, low, high}}."
+    return {k: dict(r=c.r, low=c.low, high=c.high) for k, c in compare(pred, truth, n_boot, ci, seed).items()}
 
 # %% ../nbs/02_metrics.ipynb #ff14f8d5
 def top_k(scores, # one influence score per training point

@@ -24,7 +24,7 @@ from .solvers import ExactSolver
 from .scoring import Influence
 from .ihvp import CGSolver, LissaSolver
 from .retrain import RetrainConfig, retrain_sequential, loo_retrain
-from .metrics import compare, top_k, percentile_band, highest_loss
+from .metrics import compare_numbers, top_k, percentile_band, highest_loss
 from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_study, run_study
 
 # %% ../nbs/05_small_mnist.ipynb #ae3481c8
@@ -159,10 +159,6 @@ class SmallMnistRun(Record):
     solvers: dict | None = None     # exact vs CG vs LiSSA (`compare_solvers`), on the with-decay model
 
 # %% ../nbs/05_small_mnist.ipynb #0d646ffe
-def _corr(pred, truth) -> dict:
-    "Pearson and Spearman with 95% bootstrap intervals, as plain numbers."
-    return {k: dict(r=c.r, low=c.low, high=c.high) for k, c in compare(pred, truth, n_boot=1000).items()}
-
 def evaluate_setting(model, data: MnistData, cfg: SmallMnistConfig, weight_decay: float, band: bool = True,
                      loo_dir=None) -> SmallMnistRun:
     "Influence vs leave-one-out retraining for one model: top-k and (if `band`) percentile-band points per test point."
@@ -188,7 +184,7 @@ def evaluate_setting(model, data: MnistData, cfg: SmallMnistConfig, weight_decay
         pred, truth, truth_c = S[a, idx], loo.truth[rows, a], loo.truth_controlled[rows, a]
         results.append(Selection(test_point=t, test_loss=float(losses[t]), selection=kind, removed=idx,
                             predicted=pred.tolist(), truth=truth.tolist(), truth_controlled=truth_c.tolist(),
-                            **_corr(pred, truth), controlled=_corr(pred, truth_c)))
+                            **compare_numbers(pred, truth), controlled=compare_numbers(pred, truth_c)))
     acc = float((model(data.X_test).argmax(1) == data.y_test).float().mean())
     return SmallMnistRun(weight_decay=weight_decay, source=data.source, test_points=tests, test_accuracy=acc,
                          control_drift=(loo.control_losses - loo.base_losses).tolist(), n_retrained=len(removed),
@@ -205,7 +201,7 @@ def compare_solvers(model, data: MnistData, cfg: SmallMnistConfig, weight_decay:
     summary = dict(hessian_shape=[out["exact"]["num_params"]] * 2, n_train=len(data.y_train), tests=list(tests))
     for s, r in out.items():
         summary[s] = dict(seconds=r["seconds"], residual=r["residual"], damping_used=r["damping_used"],
-                          iterations=r["iterations"], vs_exact=_corr(r["scores"].flatten(), ex),
+                          iterations=r["iterations"], vs_exact=compare_numbers(r["scores"].flatten(), ex),
                           scores=r["scores"].tolist())
     return summary
 
