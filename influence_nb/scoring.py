@@ -231,11 +231,14 @@ class Influence(_Engine):
                  hvp_chunk: int | None = 64, # most HVP rows vmapped at once
                  hessian_data=None, # take H over these examples instead of the training set
                  hvp_mode: str = "auto", # HVPs on one batch: 'vmap', 'loop', 'revfwd' or 'auto' (timed, see core)
+                 curvature="hessian", # 'hessian', 'ggn' (Gauss-Newton, notebook 03b) or a rows callable (V, x, y)
                  **solver_options, # passed to the solver's constructor (e.g. tol=, max_iter=, depth=)
                 ):
         super().__init__(model, loss_fn, train, weight_decay=weight_decay, params=params, batch_size=batch_size,
                          dtype=dtype, hessian_data=hessian_data)
-        self.curvature = Curvature(self, self.curv, weight_decay, damping, HVPRows(self, hvp_mode, hvp_chunk))
+        rows = curvature_rows(curvature, self, hvp_mode, hvp_chunk)
+        self.curvature_name = curvature if isinstance(curvature, str) else getattr(curvature, "__name__", "custom")
+        self.curvature = Curvature(self, self.curv, weight_decay, damping, rows)
         self.solver = make_solver(solver, **solver_options)
 
     @property
@@ -284,6 +287,7 @@ def _influence_solve(self, V: Tensor, # right-hand sides: a vector (p,) or a mat
         raise InfluenceError(f"vectors have {V.shape[-1]} entries but the model has {self.num_params} parameters")
     _finite_rows(V, "solve", "right-hand side")
     X, info = self.solver.solve(self.curvature, V)
+    info.details.setdefault("curvature", self.curvature_name)
     _finite_rows(X, f"solver {info.solver}", "solution for right-hand side")
     return (X[0] if single else X), info
 
@@ -383,11 +387,13 @@ def influence_scores(model: nn.Module, # the trained model, at θ*
                      dtype=None, # precision of the computation (default: the parameters')
                      return_info: bool = False, # also return the SolveInfo of the solve
                      hessian_data=None, # take H over these examples instead of the training set
+                     curvature="hessian", # 'hessian', 'ggn' (Gauss-Newton, notebook 03b) or a rows callable
                      **solver_options, # passed to the solver (tol=, max_iter=, depth=, on_fail=, ...)
                     ):
     "Predicted change of each test example's loss when each training example is removed, Tensor[n_test, n_train]."
     inf = Influence(model, loss_fn, train, weight_decay=weight_decay, damping=damping, solver=solver, params=params,
-                    batch_size=batch_size, dtype=dtype, hessian_data=hessian_data, **solver_options)
+                    batch_size=batch_size, dtype=dtype, hessian_data=hessian_data, curvature=curvature,
+                    **solver_options)
     return inf.scores(test, return_info=return_info)
 
 # %% ../nbs/00c_scoring.ipynb #3a8f208c
