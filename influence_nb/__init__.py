@@ -6,3 +6,5 @@ from .core import (SolveInfo, Curvature, InfluenceError, InfluenceTypeError, Hes
                    NotConvergedError, NotConvergedWarning)
 from .solvers import make_solver, register_solver, IHVPSolver, ExactSolver
 from .scoring import influence_scores, upweight_influence, param_changes, self_influence, Influence
+# modules that register a curvature or a solver by name: importing the package makes every name available
+from . import ggn, krylov, kfac, choose  # noqa: F401

@@ -652,10 +652,13 @@ class Curvature:
 
     @_grad_on
     def hessian(self, chunk: int = 256) -> Tensor:
-        "The dense (p, p) Hessian H of the objective (weight decay included), by HVPs against the identity: small p."
+        "The dense (p, p) curvature H of the objective (weight decay included), by products with the identity: small p."
         if "H" not in self._dense:
-            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-            self._dense["H"] = torch.cat([self.hvp(eye[i:i + chunk]) for i in range(0, self.size, chunk)])
+            build = getattr(self._rows, "dense_matrix", None)     # rows that know a faster way (Gauss-Newton: Jacobians)
+            if build is not None: self._dense["H"] = build(self)
+            else:
+                eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+                self._dense["H"] = torch.cat([self.hvp(eye[i:i + chunk]) for i in range(0, self.size, chunk)])
         return self._dense["H"]
 
     def dense(self) -> Tensor:

@@ -150,8 +150,8 @@ def _negative_curvature(name: str, op, it: int, q: float) -> HessianNotPositiveD
         "untrained model, or training stopped early?). Conjugate gradient needs a positive-definite matrix: pass "
         f"damping > {need:.2e}{lift}. Other directions may curve down further: bottom_eigenvalue(op) "
         "(influence_nb.ihvp) gives H's smallest eigenvalue λ_min, and any damping above -λ_min makes H + δI positive "
-        "definite. Damping changes the problem solved; a positive semi-definite curvature (Gauss-Newton) is the other "
-        "way out, planned as a separate feature")
+        "definite. Damping changes the problem solved; a positive semi-definite curvature, the Gauss-Newton matrix "
+        "(curvature='ggn', notebook 03b), is the other way out")
 
 
 @register_solver
@@ -351,6 +351,7 @@ class LissaOverflow(LissaDivergence, NonFiniteError):
 class LissaSolver(IHVPSolver):
     "LiSSA: x_j = v + x_{j-1} - (H_B + δI) x_{j-1}/scale on random minibatches B; x_depth/scale, averaged over repeats."
     name = "lissa"
+    approximate = True    # a truncated stochastic series: its answer carries sampling noise and truncation error
     @_check_options
     def __init__(self,
                  depth: int = 1000, # steps of the recursion per repeat (one minibatch HVP each)

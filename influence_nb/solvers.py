@@ -29,6 +29,7 @@ def register_solver(cls):
 class IHVPSolver:
     "Base of the inverse-HVP solvers: `solve(op, V)` returns X with A X = V row by row (A = H + δI), and a SolveInfo."
     name = "base"
+    approximate = False   # True: solves a different (approximated) system, not H + δI to a tolerance
     def solve(self, op: Curvature, V: Tensor) -> tuple[Tensor, SolveInfo]: raise NotImplementedError
 
 

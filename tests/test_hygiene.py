@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _copy(tmp_path):
     "A copy of the sources (not .git, .venv or outputs) to run nbdev's commands on without touching the checkout."
     dst = tmp_path / "repo"
-    skip = (".git", ".venv", "runs", "_docs", "_proc", "node_modules", "__pycache__", "*.egg-info", ".hypothesis",
+    skip = (".git", ".venv", ".venv-*", "runs", "_docs", "_proc", "node_modules", "__pycache__", "*.egg-info", ".hypothesis",
             ".pytest_cache")
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(*skip))
     return dst
