@@ -8,7 +8,7 @@ copies (tensors cloned, models deep-copied), so no test can change what another 
 """
 from __future__ import annotations
 
-import copy, functools
+import copy, functools, math
 
 import torch
 from torch import nn
@@ -122,6 +122,22 @@ def linear_model(theta):
     with torch.no_grad(): m.weight.copy_(theta[None])
     return m
 
+
+
+def exact_reference(m, X, y, V, wd, damping, loss=None):
+    """(H + δI)⁻¹ V in float64 from torch.func.hessian of the mean loss + wd/2 |θ|² and torch.linalg.solve: independent
+    of the engine, the oracle the solver tests check against (loss: mean cross-entropy by default)."""
+    loss = loss or nn.CrossEntropyLoss()
+    names = [n for n, _ in m.named_parameters()]
+    shapes = [p.shape for _, p in m.named_parameters()]
+    theta = torch.cat([p.detach().flatten() for _, p in m.named_parameters()]).double()
+    def objective(t):
+        ps, i = {}, 0
+        for n, sh in zip(names, shapes):
+            k = math.prod(sh); ps[n] = t[i:i + k].view(sh); i += k
+        return loss(torch.func.functional_call(m, ps, (X,)), y) + wd / 2 * (t ** 2).sum()
+    H = torch.func.hessian(objective)(theta)
+    return torch.linalg.solve(H + damping * torch.eye(len(theta), dtype=H.dtype), V.T).T
 
 
 def pytest_configure(config):

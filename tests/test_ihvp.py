@@ -8,7 +8,7 @@ from influence_nb.core import Curvature
 from torch import nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from conftest import iris, iris_mlp, ridge_data, half_mse, ridge_hessian
+from conftest import exact_reference, iris, iris_mlp, ridge_data, half_mse, ridge_hessian
 from influence_nb.core import (HessianNotPositiveDefinite, InfluenceError, NonFiniteError, NotConvergedWarning,
                                NotConvergedError)
 from influence_nb.solvers import ExactSolver, SOLVERS, make_solver
@@ -242,18 +242,7 @@ APPROX = {"kfac", "ekfac"}
 
 
 def _exact_reference(m, X, y, V):
-    """(H + δI)⁻¹ V in float64 from torch.func.hessian of mean CE + λ/2|θ|² and torch.linalg.solve (independent of the
-    engine)."""
-    names = [n for n, _ in m.named_parameters()]
-    shapes = [p.shape for _, p in m.named_parameters()]
-    theta = torch.cat([p.detach().flatten() for _, p in m.named_parameters()]).double()
-    def objective(t):
-        ps, i = {}, 0
-        for n, sh in zip(names, shapes):
-            k = math.prod(sh); ps[n] = t[i:i + k].view(sh); i += k
-        return CE(torch.func.functional_call(m, ps, (X,)), y) + WD / 2 * (t ** 2).sum()
-    H = torch.func.hessian(objective)(theta)
-    return torch.linalg.solve(H + DAMP * torch.eye(len(theta), dtype=H.dtype), V.T).T
+    return exact_reference(m, X, y, V, WD, DAMP)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import iris, iris_mlp, ridge_data, half_mse, ridge_hessian
+from conftest import exact_reference, iris, iris_mlp, ridge_data, half_mse, ridge_hessian
 from influence_nb.core import (Curvature, HessianNotPositiveDefinite, InfluenceError, NonFiniteError,
                                NotConvergedError, NotConvergedWarning)
 from influence_nb.solvers import SOLVERS, ExactSolver, IndefiniteHessianWarning, make_solver
@@ -27,17 +27,7 @@ TINY = {"arnoldi": dict(rank=1, max_iter=1), "deflated_cg": dict(rank=2, max_ite
 
 
 def _exact_reference(m, X, y, V, wd=WD, damping=DAMP):
-    "(H + δI)⁻¹ V in float64 from torch.func.hessian of mean CE + λ/2|θ|² and torch.linalg.solve (not the engine)."
-    names = [n for n, _ in m.named_parameters()]
-    shapes = [p.shape for _, p in m.named_parameters()]
-    theta = torch.cat([p.detach().flatten() for _, p in m.named_parameters()]).double()
-    def objective(t):
-        ps, i = {}, 0
-        for n, sh in zip(names, shapes):
-            k = math.prod(sh); ps[n] = t[i:i + k].view(sh); i += k
-        return CE(torch.func.functional_call(m, ps, (X,)), y) + wd / 2 * (t ** 2).sum()
-    H = torch.func.hessian(objective)(theta)
-    return torch.linalg.solve(H + damping * torch.eye(len(theta), dtype=H.dtype), V.T).T
+    return exact_reference(m, X, y, V, wd, damping)
 
 
 @pytest.fixture(scope="module")
