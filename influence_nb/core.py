@@ -701,6 +701,13 @@ def _revfwd_fn(engine: "_Engine", x: Tensor, y: Tensor) -> Callable:
     return lambda v: grad(along)(engine.theta, v)
 
 # %% ../nbs/00_influence.ipynb #20c19fe8
+def _check_chunk(chunk):
+    "hvp_chunk, the most rows vmapped at once: an int >= 1 or None (every row at once)."
+    if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
+        raise InfluenceError(f"hvp_chunk must be an int >= 1 or None, got {chunk!r}")
+    return chunk
+
+
 class HVPRows:
     "Rows H_B v of one batch's mean-loss Hessian (no weight decay): reverse-over-reverse vmapped or looped, or revfwd."
     MODES = ("auto", "vmap", "loop", "revfwd")
@@ -710,9 +717,7 @@ class HVPRows:
                 ):
         if mode not in self.MODES:
             raise InfluenceError(f"hvp_mode must be 'auto', 'vmap', 'loop' or 'revfwd', got {mode!r}")
-        if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
-            raise InfluenceError(f"hvp_chunk must be an int >= 1 or None, got {chunk!r}")
-        self.engine, self.mode, self.chunk = engine, mode, chunk
+        self.engine, self.mode, self.chunk = engine, mode, _check_chunk(chunk)
         # per batch size: the way kept for several rows, its timings, rows per piece; the way kept for one row, timings
         self.chosen, self.trials, self.piece = {}, {}, {}
         self.single_modes, self.single_trials = {}, {}

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
 from .core import InfluenceError, as_curvature, register_curvature
-from .core import _EvalMode, _grad_on, _method
+from .core import _EvalMode, _check_chunk, _grad_on, _method
 
 # %% ../nbs/03b_ggn.ipynb #9375799c
 def _outputs(engine, x: Tensor) -> Tensor:
@@ -91,9 +91,7 @@ class GGNRows:
                  chunk: int | None = 64, # most rows vmapped at once (None: every row of V together)
                  check: bool = True, # check on the first batch that the loss is convex in the outputs
                 ):
-        if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
-            raise InfluenceError(f"hvp_chunk must be an int >= 1 or None, got {chunk!r}")
-        self.engine, self.chunk, self.check = engine, chunk, check
+        self.engine, self.chunk, self.check = engine, _check_chunk(chunk), check
         self.output_spectrum = None        # (smallest, largest) eigenvalue of the checked H_j, once checked
 
     def _checked(self, x: Tensor, y: Tensor):

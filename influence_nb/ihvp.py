@@ -132,6 +132,13 @@ def _check_tol(name: str, tol) -> float:
     return float(tol)
 
 
+def _check_seed(name: str, seed) -> int:
+    "A seed option must be an int (not a float, not a bool)."
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InfluenceError(f"{name}: seed must be an int, got {seed!r}")
+    return seed
+
+
 def _check_int(name: str, what: str, v) -> int:
     "A count option must be an int >= 1 (not a float, not a bool)."
     if isinstance(v, bool) or not (isinstance(v, int) and v >= 1):
@@ -255,21 +262,28 @@ class BlockCGSolver(CGSolver):
     def solve(self, op, V):
         op = as_curvature(op)
         V = V.to(op.dtype)
+        X, it, hist, hvps = self._iterate(op, V, torch.zeros_like(V), V.clone())
+        return self._finish(op, X, V, it, hist, hvps=hvps)
+
+    def _iterate(self, op, V, X, R, project=None):
+        ("Block CG from the iterate X whose residual is R = V - (H+δI)X: (X, iterations, residual history, HVPs). "
+         "`project` maps residuals before they become search directions (deflated CG, notebook 03c, removes a subspace).")
+        project = project or (lambda T: T)
         rank_tol = self.rank_tol or torch.finfo(V.dtype).eps ** 0.5
         vnorm = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
-        X, R = torch.zeros_like(V), V.clone()
         hist, it, hvps = [R.norm(dim=1) / vnorm], 0, 0
-        P = _orth_rows(R[hist[-1] > self.tol], rank_tol)
-        while bool((hist[-1] > self.tol).any()) and it < self.max_iter and len(P):
+        active = hist[-1] > self.tol
+        P = _orth_rows(project(R[active]), rank_tol) if bool(active.any()) else R[:0]
+        while bool(active.any()) and it < self.max_iter and len(P):
             Q = _damped_hvp(op, P)                              # (r, p): one pass, r ≤ number of active columns
             if _first_nonfinite(Q) is not None:
-                raise NonFiniteError(f"block_cg: a Hessian-vector product is not finite at iteration {it}: check the "
-                                     "model and the training data (an Inf input, a NaN weight)")
+                raise NonFiniteError(f"{self.name}: a Hessian-vector product is not finite at iteration {it}: check "
+                                     "the model and the training data (an Inf input, a NaN weight)")
             hvps += len(P)
             PtQ = P @ Q.T
             PtQ = (PtQ + PtQ.T) / 2                              # Pᵀ(H+δI)P, symmetric
             lo = float(torch.linalg.eigvalsh(PtQ)[0])
-            if lo <= 0: raise _negative_curvature("block_cg", op, it, lo)
+            if lo <= 0: raise _negative_curvature(self.name, op, it, lo)
             L = torch.linalg.cholesky(PtQ)
             alpha = torch.cholesky_solve(P @ R.T, L)             # (r, s): the step along each direction, per column
             X = X + alpha.T @ P
@@ -278,9 +292,10 @@ class BlockCGSolver(CGSolver):
             hist.append(R.norm(dim=1) / vnorm)
             active = hist[-1] > self.tol
             if not bool(active.any()): break
-            beta = -torch.cholesky_solve(Q @ R.T, L)             # keeps the new directions (H+δI)-conjugate to P
-            P = _orth_rows((R + beta.T @ P)[active], rank_tol)   # only unconverged columns add directions
-        return self._finish(op, X, V, it, hist, hvps=hvps)
+            Rp = project(R)
+            beta = -torch.cholesky_solve(Q @ Rp.T, L)            # keeps the new directions (H+δI)-conjugate to P
+            P = _orth_rows((Rp + beta.T @ P)[active], rank_tol)  # only unconverged columns add directions
+        return X, it, hist, hvps
 
 # %% ../nbs/03_ihvp.ipynb #1f3ba0c8
 def _cast(op, t: Tensor) -> Tensor:
@@ -377,8 +392,7 @@ class LissaSolver(IHVPSolver):
         if not scale_margin >= 1: raise InfluenceError(f"lissa: scale_margin must be >= 1, got {scale_margin!r}")
         if not max_growth > 0: raise InfluenceError("lissa: max_growth must be > 0 (inf disables the check), got "
                                                     f"{max_growth!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int): raise InfluenceError("lissa: seed must be an int, got "
-                                                                                     f"{seed!r}")
+        _check_seed("lissa", seed)
         self.tol, self.on_fail = _check_tol("lissa", tol), check_on_fail(on_fail, "lissa")
         self.depth, self.repeats, self.batch_size, self.scale, self.seed = depth, repeats, batch_size, scale, seed
         self.scale_margin, self.scale_probes, self.scale_iters = scale_margin, scale_probes, scale_iters

@@ -20,7 +20,8 @@ from .core import *
 from .core import _EvalMode, _grad_on, _method
 from .solvers import *
 from .ihvp import _check_options
-from .scoring import LayerRule, LinearRule, ConvRule, layer_rule
+from .scoring import LayerRule, LinearRule, ConvRule, layer_rule, param_owners
+from .ggn import _hessians_at
 
 # %% ../nbs/03d_kfac.ipynb #65ead32d
 def output_factor(eng, # the engine (model, loss, flat parameters)
@@ -32,7 +33,7 @@ def output_factor(eng, # the engine (model, loss, flat parameters)
     o = out.detach().flatten(1)
     one = lambda oj, yj: eng.loss(oj.view(1, *out.shape[1:]), yj[None])[0]
     if fisher == "empirical": return vmap(grad(one))(o, y)[..., None]
-    H = vmap(jacrev(jacrev(one)))(o, y)
+    H = _hessians_at(eng, out.detach(), y)                 # H_j, as the Gauss-Newton curvature forms it (03b)
     w, U = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)
     # eigenvalues at round-off level are zero (cross-entropy's H has one: adding a constant to every logit changes
     # nothing); a negative one (a loss not convex in the outputs) is dropped, the usual GGN convention
@@ -109,10 +110,7 @@ def kron_plan(eng, # the engine: model and the flat parameters influence is take
               rules: list | None = None, # Kronecker rules (default: KRON_RULES; [] makes every block diagonal)
              ) -> list:
     "The blocks: a Kronecker one per layer with a Kronecker rule, diagonal ones for every other parameter."
-    owner = {}
-    for mname, mod in eng.model.named_modules():
-        for pname, _ in mod.named_parameters(recurse=False):
-            owner[f"{mname}.{pname}" if mname else pname] = (mname, mod, pname)
+    owner = param_owners(eng.model)
     blocks, by_key = [], {}
     for name in eng.flat.names:
         mname, mod, pname = owner[name]

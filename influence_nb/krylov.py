@@ -15,7 +15,7 @@ from torch import Tensor
 from .core import *
 from .core import _first_nonfinite
 from .solvers import *
-from .ihvp import BlockCGSolver, _check_options, _check_tol, _check_int, _negative_curvature, _orth_rows
+from .ihvp import BlockCGSolver, _check_options, _check_seed, _check_tol, _check_int, _negative_curvature
 
 # %% ../nbs/03c_krylov.ipynb #d633630a
 @dataclass
@@ -125,9 +125,8 @@ class ArnoldiSolver(IHVPSolver):
         if self.max_iter is not None and self.max_iter < self.rank:
             raise InfluenceError(f"{self.name}: max_iter={max_iter} (the Krylov size) must be at least rank={rank}: "
                                  "k eigenpairs need a Krylov space of at least k dimensions")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InfluenceError(f"{self.name}: seed must be an int, got {seed!r}")
-        self.tol, self.on_fail, self.seed = _check_tol(self.name, tol), check_on_fail(on_fail, self.name), seed
+        self.tol, self.on_fail = _check_tol(self.name, tol), check_on_fail(on_fail, self.name)
+        self.seed = _check_seed(self.name, seed)
 
     def krylov_size(self, p: int) -> int:
         "m for a model of p parameters."
@@ -220,9 +219,7 @@ class DeflatedBlockCGSolver(BlockCGSolver):
         self.krylov_size = None if krylov_size is None else _check_int(self.name, "krylov_size", krylov_size)
         if self.krylov_size is not None and self.krylov_size < self.rank:
             raise InfluenceError(f"{self.name}: krylov_size={krylov_size} must be at least rank={rank}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InfluenceError(f"{self.name}: seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_seed(self.name, seed)
 
     def deflation(self, op) -> tuple[Tensor, Tensor, Tensor, Tensor, KrylovBasis, bool]:
         "Z (r, p), W = Z A (r, p), E = Z A Zᵀ (r, r), the Ritz values, the basis and whether this call built it."
@@ -242,34 +239,9 @@ class DeflatedBlockCGSolver(BlockCGSolver):
         LE = torch.linalg.cholesky(Em)
         coef = lambda R, B: torch.cholesky_solve(B @ R.T, LE).T     # rows of R ↦ E⁻¹ B r, as (s, r)
         deflate = lambda R: R - coef(R, W) @ Z                       # remove the A-component along Z
-        rank_tol = self.rank_tol or torch.finfo(V.dtype).eps ** 0.5
-        vnorm = V.norm(dim=1).clamp_min(torch.finfo(V.dtype).tiny)
         c0 = coef(V, Z)
-        X, R = c0 @ Z, V - c0 @ W                                    # the exact solve in span Z, and its residual
-        hist, it, hvps = [R.norm(dim=1) / vnorm], 0, 0
-        active = hist[-1] > self.tol                                 # none when span Z already holds the solutions
-        P = _orth_rows(deflate(R[active]), rank_tol) if bool(active.any()) else R[:0]
-        while bool((hist[-1] > self.tol).any()) and it < self.max_iter and len(P):
-            Q = op.mv(P)                                             # (b, p): one pass, b ≤ unconverged columns
-            if _first_nonfinite(Q) is not None:
-                raise NonFiniteError(f"{self.name}: a Hessian-vector product is not finite at iteration {it}: check "
-                                     "the model and the training data (an Inf input, a NaN weight)")
-            hvps += len(P)
-            PtQ = P @ Q.T
-            PtQ = (PtQ + PtQ.T) / 2
-            lo = float(torch.linalg.eigvalsh(PtQ)[0])
-            if lo <= 0: raise _negative_curvature(self.name, op, it, lo)
-            L = torch.linalg.cholesky(PtQ)
-            alpha = torch.cholesky_solve(P @ R.T, L)
-            X = X + alpha.T @ P
-            R = R - alpha.T @ Q
-            it += 1
-            hist.append(R.norm(dim=1) / vnorm)
-            active = hist[-1] > self.tol
-            if not bool(active.any()): break
-            Rd = deflate(R)
-            beta = -torch.cholesky_solve(Q @ Rd.T, L)                # A-conjugate to P (and, like Rd, to Z)
-            P = _orth_rows((Rd + beta.T @ P)[active], rank_tol)
+        # the exact solve in span Z, then block CG on the rest with residuals stripped of their A-component along Z
+        X, it, hist, hvps = self._iterate(op, V, c0 @ Z, V - c0 @ W, project=deflate)
         lanczos = basis.hvps if built else 0
         return self._finish(op, X, V, it, hist, hvps=hvps + lanczos, solve_hvps=hvps, lanczos_hvps=basis.hvps,
                             lanczos_reused=not built, rank=len(lam), krylov_size=basis.size,

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['LAYER_RULES', 'LayerRule', 'register_layer_rule', 'layer_rule', 'LinearRule', 'ConvRule', 'BatchNormRule',
-           'layer_plan', 'layer_scores', 'Influence', 'influence_scores', 'upweight_influence', 'param_changes',
-           'self_influence']
+           'param_owners', 'layer_plan', 'layer_scores', 'Influence', 'influence_scores', 'upweight_influence',
+           'param_changes', 'self_influence']
 
 # %% ../nbs/00c_scoring.ipynb #9b70ca1a
 import copy
@@ -160,15 +160,19 @@ class BatchNormRule(LayerRule):
 register_layer_rule(BatchNormRule());
 
 # %% ../nbs/00c_scoring.ipynb #0d057ffb
+def param_owners(model: nn.Module, # the model
+                ) -> dict:
+    "{parameter name: (module name, module, parameter name within it)} for every parameter the model holds."
+    return {f"{mname}.{pname}" if mname else pname: (mname, mod, pname)
+            for mname, mod in model.named_modules() for pname, _ in mod.named_parameters(recurse=False)}
+
+
 def layer_plan(eng) -> dict | None:
     "For the 'layer' scoring pass: {module: (rule, {'weight'|'bias': flat name})}, or None if a parameter has no rule."
-    owner = {}
-    for mname, mod in eng.model.named_modules():
-        for pname, _ in mod.named_parameters(recurse=False):
-            owner[f"{mname}.{pname}" if mname else pname] = (mod, pname)
+    owner = param_owners(eng.model)
     plan = {}
     for name in eng.flat.names:
-        mod, pname = owner.get(name, (None, None))
+        _, mod, pname = owner.get(name, (None, None, None))
         rule = layer_rule(mod) if mod is not None else None
         if rule is None or pname not in ("weight", "bias"): return None
         plan.setdefault(mod, (rule, {}))[1][pname] = name
