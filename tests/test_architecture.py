@@ -5,7 +5,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "influence_nb"
 # data and engine -> curvature (core) -> solvers -> scoring -> studies -> CLI; retrain and metrics beside the engine
 ORDER = ["core", "data", "models", "metrics", "retrain", "ggn", "solvers", "ihvp", "krylov", "scoring", "kfac", "choose",
-         "study", "iris", "small_mnist", "deep", "cli"]
+         "distributed", "study", "iris", "small_mnist", "deep", "imagenet", "fragility", "cli"]
 
 
 def package_imports(path: Path) -> set:
