@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'DEEP', 'DeepConfig', 'train_steps', 'device_of', 'new_model', 'train_model',
            'test_logits', 'test_losses', 'pick_tests', 'Estimate', 'estimate', 'DeepSelection', 'DeepRun',
-           'evaluate_run', 'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'table1', 'table2',
+           'evaluate_run', 'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'read_results', 'table1', 'table2',
            'plot_top_influential', 'reading', 'step_seconds', 'project']
 
 # %% ../nbs/06_deep.ipynb #268ce663
-import math, platform, re, time, warnings
+import json, math, platform, re, time, warnings
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -420,6 +421,22 @@ def run_deep_study(cfg: DeepConfig | None = None, # the configuration (default: 
     "Run the deep study for every pair and weight decay; models, runs and retrains in `out` are reused on rerun."
     return run_study(DEEP, cfg, out, progress)
 
+
+
+def read_results(folder, # the study's output folder (`--out`)
+                ) -> dict:
+    "The run's `results.json`, or, while units are still missing, a partial summary of the finished ones (`missing` names the rest)."
+    folder = Path(folder)
+    if (folder / "results.json").exists(): return json.loads((folder / "results.json").read_text())
+    if not (folder / "config.json").exists():
+        raise InfluenceError(f"{folder} holds no deep-study run: start one with `influence_nb deep --out {folder}`")
+    cfg = DeepConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*.json"))}
+    order = [u.key for u in DEEP.units(cfg)]
+    return dict(config=cfg.to_dict(), paper=dict(table1=PAPER_TABLE1, table2=PAPER_TABLE2),
+                hardware=hardware() + " (a partial run, read back)", seconds=None,
+                runs={k: runs[k] for k in order if k in runs}, missing=[k for k in order if k not in runs])
+
 # %% ../nbs/06_deep.ipynb #c7871548
 _SEL = (("A", True, "A_wd", "A (decay)"), ("B", True, "B_wd", "B (decay)"), ("A", False, "A_nowd", "A (no decay)"))
 
@@ -533,9 +550,15 @@ def reading(summary, # a DeepSummary or its results.json
     n = next(iter(runs.values()))
     out = "\n".join(lines) + "\n\n"
     if n_cells: out += (f"- **Agreement.** The paper's number lies inside our 95% interval in {inside} of {n_cells} "
-                        f"cells; ours is the higher in {higher} of them.\n")
-    if above: out += (f"- **Noise floor.** A median {np.median(above):.0%} of the retrained changes rise above twice the "
-                      f"noise floor (range {min(above):.0%}-{max(above):.0%}).\n")
+                        f"cells, and ours is the higher of the two in {higher} of the {n_cells}.\n")
+    if above:
+        noisy = [f"{r['dataset']} {r['arch']} λ={r['weight_decay']:g} {sel['label']}" for r in runs.values()
+                 for sel in r["selections"] if sel["above_noise"] is not None and sel["above_noise"] < 0.5]
+        out += (f"- **Noise floor.** A median {np.median(above):.0%} of the retrained changes rise above twice the "
+                f"noise floor (range {min(above):.0%}-{max(above):.0%}).")
+        out += (f" In {len(noisy)} of {len(above)} selections ({'; '.join(noisy)}) fewer than half do: there the "
+                "truth is mostly minibatch noise, and neither agreement nor disagreement with the paper can be read "
+                "from the correlation.\n" if noisy else "\n")
     if noeff:
         b, T, n_tr = c["batch_size"], n["retrain_steps"], None
         for d, v in c.get("sizes", {}).items():
