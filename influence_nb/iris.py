@@ -351,8 +351,8 @@ def plot_iris_figures(summary: dict, out=None) -> dict:
               "Figs 1c (tanh), 4a (ReLU): Spearman vs depth")
     sweep_fig("fig1d_width", "width", "width", "spearman", "Spearman (influence vs retraining)",
               "Fig 1d: Spearman vs width (depth 1, tanh)", acts=("tanh",),
-              extra=lambda ax: ax.plot([8, 50], [PAPER_NUMBERS["width_8"], PAPER_NUMBERS["width_50"]], "k:",
-                                      label="paper (8 → 50)"))
+              extra=lambda ax: ax.plot([8, 50], [PAPER_NUMBERS["width_8"], PAPER_NUMBERS["width_50"]], ls="none",
+                                      marker="*", ms=12, color="crimson", label="paper's stated values (one run each)"))
     def lissa(ax):
         x, m, s = _sweep(summary, "depth", "tanh", "depth", "spearman_lissa")
         if len(x): ax.errorbar(x, m, yerr=s, marker="s", capsize=3, label="tanh, LiSSA")
