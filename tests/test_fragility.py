@@ -1,6 +1,6 @@
 """Tests of influence_nb.fragility: the Bregman divergence, PBRF against leave-one-out on a convex model, the batched
 Newton solve, convergence diagnostics, the LDS, and a one-setting study that resumes to identical numbers."""
-import json
+import dataclasses, json
 
 import pytest
 import torch
@@ -167,3 +167,40 @@ def test_one_setting_study_resumes_to_identical_numbers(tmp_path):
     assert json.dumps(a.runs[0].truths) == json.dumps(b.runs[0].truths)
     t = fr.gap_table(json.loads((tmp_path / "results.json").read_text()))
     assert t.shape[0] == 1 and t.iloc[0, 0] == pytest.approx(r.paper_spearman["highest"])
+
+
+def test_gauss_newton_steps_reach_the_newton_minimiser(data):
+    Xtr, ytr = data[:2]
+    from influence_nb.iris import IrisConfig
+    net = train_iris_models(IrisSetting(1, 5, "tanh", 1e-2), IrisConfig.from_preset("quick", train_steps=1500), [0],
+                            data)[0]
+    inf = Influence(net, nn.CrossEntropyLoss(), (Xtr, ytr), weight_decay=1e-2, batch_size=120)
+    g = fr.proximal_response(inf, [4, 50], "pbrf", 1e-3, curvature="ggn")
+    h = fr.proximal_response(inf, [4, 50], "pbrf", 1e-3)
+    assert bool(g.converged.all()) and bool(h.converged.all())
+    torch.testing.assert_close(g.theta, h.theta, atol=1e-7, rtol=0)   # both to ‖∇F‖ ≤ 1e-10
+    # the PRF's Gauss-Newton steps converge only linearly (the loss's residual curvature is left out): close, not 1e-10
+    g = fr.proximal_response(inf, [4, 50], "prf", 1e-3, curvature="ggn", max_iter=100)
+    h = fr.proximal_response(inf, [4, 50], "prf", 1e-3)
+    assert float(g.grad_norm.max()) < 1e-6
+    torch.testing.assert_close(g.theta, h.theta, atol=1e-4, rtol=0)
+    with pytest.raises(InfluenceError, match="'hessian' or 'ggn'"): fr.proximal_response(inf, [0], curvature="kfac")
+
+
+def test_small_cnn_pieces():
+    assert STUDIES["fragility-cnn"] is fr.FRAGILITY_CNN
+    cfg = fr.CnnFragilityConfig.from_preset("quick", n_train=40, n_test=20, train_steps=30, lds_subsets=6)
+    d = fr.cnn_data(cfg)
+    assert d[0].shape == (40, 1, 28, 28) and d[0].dtype == torch.float64
+    s = cfg.settings()["decay"]
+    assert [x.weight_decay for x in s] == [1e-3, 0.0] and s[1].damping == cfg.no_decay_damping
+    two = fr.train_cnn_models(s[0], cfg, [0, 1], d)
+    one = fr.train_cnn_models(s[0], cfg, [1], d)[0]
+    assert sum(p.numel() for p in one.parameters()) == 406
+    torch.testing.assert_close(one[0].weight, two[1][0].weight, atol=1e-10, rtol=0)
+    inf = Influence(two[0], nn.CrossEntropyLoss(), d[:2], weight_decay=1e-3, damping=1e-3, batch_size=40)
+    r = fr.proximal_response(inf, [3, 7], "pbrf", 0.1, curvature="ggn")   # an untrained net: a firm proximity
+    assert bool(r.converged.all())
+    t = fr.cnn_lds(s[0], cfg, d, n_boot=50, estimators={"exact (GGN)": fr.LDS_ESTIMATORS["exact (GGN)"]})
+    assert list(t.index) == ["exact (GGN)"] and -1 <= t.loc["exact (GGN)", "LDS"] <= 1
+    assert fr._label(dataclasses.asdict(s[0])) == "CNN 3 ch. λ=0.001"
