@@ -28,8 +28,8 @@ from .metrics import correlation, top_fraction, highest_loss, loss_percentile
 from .retrain import RetrainConfig, train_stack, stack_state, stack_losses, loo_retrain, removal_weights
 from .scoring import Influence
 from .solvers import IndefiniteHessianWarning
-from .iris import IrisConfig, IrisSetting, iris_data, iris_mlp, train_iris_models
-from .study import Preset, Record, Unit, Study, register_study, run_study
+from .iris import IrisConfig, IrisSetting, IrisStudy, iris_data, iris_mlp, train_iris_models
+from .study import Preset, Record, register_study, run_study
 
 # %% ../nbs/09_fragility.ipynb #ffaa7029
 def output_gradients(loss, # per-example loss: (outputs (B, ...), targets (B, ...)) -> (B,)
@@ -385,20 +385,11 @@ class FragilitySummary(Record):
     runs: list[GapRun]       # setting by setting, seeds in order
 
 
-class FragilityStudy(Study):
-    "The gap decomposition on the Iris sweeps: units are (setting, seed); a setting's seeds train together."
+class FragilityStudy(IrisStudy):
+    "The gap decomposition on the Iris sweeps: the Iris study's units and training, its own evaluation and records."
     name, help, default_out = "fragility", "estimator or ground truth: the gap decomposition on Iris", "runs/fragility"
     config, unit_result, summary = FragilityConfig, GapRun, FragilitySummary
 
-    def data(self, cfg): return iris_data()
-    def units(self, cfg) -> list:
-        "One unit per (setting, seed), settings shared by sweeps counted once."
-        unique = list({s.key: s for ss in cfg.settings().values() for s in ss}.values())
-        return [Unit(f"{s.key}-seed{k}", (s, k), group=s.key) for s in unique for k in range(cfg.seeds)]
-    def prepare(self, cfg, data, units, folder) -> dict:
-        "Train the seeds still to do of one setting together."
-        models = train_iris_models(units[0].spec[0], cfg, [u.spec[1] for u in units], data)
-        return {u.key: m for u, m in zip(units, models)}
     def evaluate(self, cfg, data, unit, model, folder) -> GapRun:
         "The chain of ground truths for one network."
         s, k = unit.spec

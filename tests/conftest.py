@@ -16,6 +16,19 @@ from torch import nn
 F64 = torch.float64
 
 
+try:                                  # the misuse runner imports this file without pytest
+    import pytest
+except ImportError:                   # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture(scope="module")
+    def one_thread():
+        "One torch thread for a test module (tiny models; and torchrun's workers use one): restored afterwards."
+        old = torch.get_num_threads(); torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(old)
+
 # ------------------------------------------------------------------------------------------------------------- Iris
 @functools.cache
 def _iris_split(n_test=30, seed=0):

@@ -97,12 +97,8 @@ cg.scores_to_store(TEST, HERE / "killed", callback=die)
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "One torch thread, like each torchrun worker, so that the single-process numbers here are computed the same way."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread, like each torchrun worker, so that the single-process numbers are computed the same way
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem():

@@ -7,12 +7,7 @@ import torch
 iris = pytest.importorskip("influence_nb.iris")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(train_steps=300, retrain_steps=50, depths=(1,), widths=(8,), seeds=1, lissa=dict(depth=50, repeats=1, batch_size=30))

@@ -17,12 +17,7 @@ from conftest import mlp as make_mlp, random_classification, ridge_data
 PROP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models: one torch thread is faster and avoids oversubscription; restore afterwards."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data(n=30, d=4, c=3, seed=0):
