@@ -98,10 +98,10 @@ def _stratified_subset(y: np.ndarray, k: int | None, rng) -> np.ndarray:
         idx = np.concatenate([idx, rng.permutation(np.setdiff1d(np.arange(len(y)), idx))[:k - len(idx)]])
     return np.sort(idx)
 
-def load_image_folder(root, # an ImageFolder root holding train/CLASS/*.jpg and val/CLASS/*.jpg
-                      size: int = 224, # images are resized and centre-cropped to size×size (see `imagenet_transform`)
-                      n_train: int | None = None, # a seeded class-stratified subset of the training images (None: all)
-                      n_test: int | None = None, # a seeded class-stratified subset of the validation images (None: all)
+def load_image_folder(root, # ImageFolder root: train/CLASS/*.jpg, val/CLASS/*.jpg
+                      size: int = 224, # side of the resized, centre-cropped square
+                      n_train: int | None = None, # stratified training subset (None: all)
+                      n_test: int | None = None, # stratified validation subset (None: all)
                       seed: int = 0, # seed of the subsets
                       train: str = "train", # the training split's folder
                       val: str = "val", # the test split's folder
