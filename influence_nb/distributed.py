@@ -266,13 +266,18 @@ def _lissa_repeat(s: LissaSolver, op, V: Tensor, scale: float, stream, r: int, e
     return x, h
 
 # %% ../nbs/07_distributed.ipynb #a2bac8d4
-class ShardedLissa(LissaSolver):
-    "LiSSA with its repeats split over ranks; repeat r draws what single-process LiSSA draws for it; averaged by all_reduce."
+class _ShardedForm:
+    "A solver's sharded twin: built from a configured solver, taking over its options, plus the ranks it runs on."
     @classmethod
-    def from_solver(cls, solver: LissaSolver, ctx: Dist | None = None) -> "ShardedLissa":
-        "The sharded form of a LissaSolver: the same options (depth, repeats, seed, scale, ...)."
+    def from_solver(cls, solver, # the single-process solver whose options (depth, seed, tol, ...) are kept
+                    ctx: Dist | None = None, # the ranks (default: the current process group)
+                   ):
+        "The sharded form of `solver`: the same options, on `ctx`."
         new = object.__new__(cls); new.__dict__.update(vars(solver)); new.ctx = ctx or current()
         return new
+
+class ShardedLissa(_ShardedForm, LissaSolver):
+    "LiSSA with its repeats split over ranks; repeat r draws what single-process LiSSA draws for it; averaged by all_reduce."
 
     def scale_for(self, op) -> tuple[float, dict]:
         "The scale as LissaSolver.solve takes it: given, or chosen from minibatch spectra (the same on every rank)."
@@ -331,13 +336,8 @@ class ShardedLissa(LissaSolver):
         return X, report_convergence(info, self.tol, self.on_fail, self._hint(local, scale, est))
 
 # %% ../nbs/07_distributed.ipynb #0eb69591
-class ShardedAuto(AutoSolver):
+class ShardedAuto(_ShardedForm, AutoSolver):
     "solver='auto' over ranks: rank 0 plans (timing its whole-data operator alone), every rank runs that plan."
-    @classmethod
-    def from_solver(cls, solver: AutoSolver, ctx: Dist | None = None) -> "ShardedAuto":
-        "The sharded form of an AutoSolver: the same options (tol, memory_fraction, cost)."
-        new = object.__new__(cls); new.__dict__.update(vars(solver)); new.ctx = ctx or current()
-        return new
 
     def plan(self, op, m: int):
         local, d = (op.local if isinstance(op, ShardedCurvature) else op), self.ctx
